@@ -1,0 +1,50 @@
+"""perceiver-lite: the Perceiver (Jaegle et al., 2021) as a native transformers model.
+
+Importing the package registers the config and models with transformers' Auto classes, so
+`AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForAudioClassification,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
+
+from .configuration_perceiver_lite import PerceiverLiteConfig
+from .modeling_perceiver_lite import (
+    PerceiverBlock,
+    PerceiverLayer,
+    PerceiverLiteBlock,
+    PerceiverLiteForAudioClassification,
+    PerceiverLiteForImageClassification,
+    PerceiverLiteForSequenceClassification,
+    PerceiverLiteModel,
+    PerceiverLitePreTrainedModel,
+)
+
+AUTO_CLASSES = {
+    "AutoModel": (AutoModel, PerceiverLiteModel),
+    "AutoModelForImageClassification": (AutoModelForImageClassification, PerceiverLiteForImageClassification),
+    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, PerceiverLiteForSequenceClassification),
+    "AutoModelForAudioClassification": (AutoModelForAudioClassification, PerceiverLiteForAudioClassification),
+}
+
+AutoConfig.register(PerceiverLiteConfig.model_type, PerceiverLiteConfig, exist_ok=True)
+for _auto_class, _model_class in AUTO_CLASSES.values():
+    _auto_class.register(PerceiverLiteConfig, _model_class, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PerceiverBlock",
+    "PerceiverLayer",
+    "PerceiverLiteBlock",
+    "PerceiverLiteConfig",
+    "PerceiverLiteForAudioClassification",
+    "PerceiverLiteForImageClassification",
+    "PerceiverLiteForSequenceClassification",
+    "PerceiverLiteModel",
+    "PerceiverLitePreTrainedModel",
+]

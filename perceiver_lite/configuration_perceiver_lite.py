@@ -1,0 +1,197 @@
+"""PerceiverLite model configuration."""
+
+from transformers import PreTrainedConfig
+
+
+class PerceiverLiteConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Perceiver (Jaegle et al., 2021, "General Perception with Iterative Attention"): a latent array
+    that cross-attends to the inputs (data channels plus Fourier position features) and refines itself with latent
+    self-attention. The defaults are the seed README's usage values (the paper's ImageNet model: 8 cross-attends over
+    1024 latents of width 512, 6 latent self-attention layers after each, the last 7 sharing weights).
+
+    Args:
+        data_shape (`list[int]`, *optional*, defaults to `[1, 224, 224]`):
+            Channel-first shape of one input: `[C, H, W]` for images, `[C, T]` for 1-D signals and tokens (the token
+            embedding width), `[C, T, H, W]` for video. Its length fixes the number of spatial axes; the axes' sizes
+            are only the nominal size: any size works at run time.
+        cross_heads (`int`, *optional*, defaults to 1):
+            Number of heads of the cross-attention from the latents to the inputs.
+        num_latent_tokens (`int`, *optional*, defaults to 1024):
+            Number of latent vectors `N`; the latent array is `[N, dim]`.
+        dim (`int`, *optional*, defaults to 512):
+            Width of the latent vectors (alias `hidden_size`).
+        heads (`int`, *optional*, defaults to 16):
+            Number of heads of the latent self-attention (alias `num_attention_heads`).
+        layers_indice (`list[int]`, *optional*, defaults to `[0, 1, 1, 1, 1, 1, 1, 1]`):
+            Which unique block runs at each step. A repeated index runs the same block again, with the same weights:
+            `[0, 1, 1, 1]` is four cross-attends using two blocks. Every block must be used.
+        num_latent_transformers_in_layers (`list[int]`, *optional*, defaults to `[6, 6]`):
+            Number of latent self-attention layers in each unique block; its length is the number of unique blocks.
+        num_bands (`int`, *optional*, defaults to 64):
+            Number of Fourier frequency bands per spatial axis.
+        resolution (`int` or `list[int]`, *optional*, defaults to 224):
+            Sampling resolution of the Fourier features, one value for all axes or one per axis. The highest band
+            frequency is `resolution / 2` (Nyquist).
+        frequency_base (`float`, *optional*, defaults to 2):
+            Lowest band frequency: the bands are spaced geometrically from `frequency_base` up to `resolution / 2`.
+            `None` gives the paper's spacing, linear from 1 to `resolution / 2`.
+        pre_norm (`bool`, *optional*, defaults to `True`):
+            LayerNorm before each attention and feed-forward sublayer (and on the inputs before the cross-attention's
+            key/value projections); `False` puts it after each residual sum instead.
+        ff_dim (`int`, *optional*):
+            Hidden width of the feed-forward layers; `None` uses `dim * ff_dim_scale`.
+        ff_dim_scale (`int`, *optional*, defaults to 4):
+            Feed-forward expansion factor, used when `ff_dim` is `None`.
+        ff_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the output of each feed-forward layer.
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the attention probabilities.
+        cross_kv_dim (`int`, *optional*):
+            Width of the cross-attention's inputs: `C + axes * (2 * num_bands + 1)`. `None` derives it; a given value
+            must agree with `data_shape` and `num_bands`.
+        head_dim (`int`, *optional*):
+            Width of every attention head; `None` uses `dim // heads` for the latent self-attention and
+            `dim // cross_heads` for the cross-attention.
+        vocab_size (`int`, *optional*, defaults to 262):
+            Vocabulary size of the token embedding of `PerceiverLiteForSequenceClassification` (262 matches
+            transformers' byte-level `PerceiverTokenizer`).
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the feed-forward layers (any name in `transformers.activations.ACT2FN`).
+        layer_norm_eps (`float`, *optional*, defaults to 1e-5):
+            Epsilon of every LayerNorm.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of weights and of the latent array.
+
+    Labels (`num_labels`, `id2label`, `label2id`, `problem_type`) work as in every transformers config.
+
+    Example:
+
+    ```python
+    >>> from perceiver_lite import PerceiverLiteConfig, PerceiverLiteModel
+
+    >>> config = PerceiverLiteConfig(data_shape=[3, 32, 32], num_latent_tokens=64, dim=128, heads=4,
+    ...                              layers_indice=[0, 1, 1], num_latent_transformers_in_layers=[2, 2], resolution=32)
+    >>> model = PerceiverLiteModel(config)
+    ```
+    """
+
+    model_type = "perceiver_lite"
+    attribute_map = {"hidden_size": "dim", "num_attention_heads": "heads"}
+
+    data_shape: list[int] | tuple[int, ...] = (1, 224, 224)
+    cross_heads: int = 1
+    num_latent_tokens: int = 1024
+    dim: int = 512
+    heads: int = 16
+    layers_indice: list[int] | tuple[int, ...] = (0, 1, 1, 1, 1, 1, 1, 1)
+    num_latent_transformers_in_layers: list[int] | tuple[int, ...] = (6, 6)
+    num_bands: int = 64
+    resolution: int | list[int] | tuple[int, ...] = 224
+    frequency_base: float | int | None = 2
+    pre_norm: bool = True
+    ff_dim: int | None = None
+    ff_dim_scale: int | float = 4
+    ff_dropout: float | int = 0.0
+    attention_dropout: float | int = 0.0
+    cross_kv_dim: int | None = None
+    head_dim: int | None = None
+    vocab_size: int = 262
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):
+            setattr(self, name, list(getattr(self, name)))
+        if not isinstance(self.resolution, int):
+            self.resolution = list(self.resolution)
+        super().__post_init__(**kwargs)
+        self._validate()
+        if self.cross_kv_dim is None:
+            self.cross_kv_dim = self.expected_cross_kv_dim
+
+    @property
+    def num_axes(self) -> int:
+        """Number of spatial axes of the inputs (`len(data_shape) - 1`)."""
+        return len(self.data_shape) - 1
+
+    @property
+    def num_position_features(self) -> int:
+        """Fourier position channels appended to each input element: `axes * (2 * num_bands + 1)`."""
+        return self.num_axes * (2 * self.num_bands + 1)
+
+    @property
+    def expected_cross_kv_dim(self) -> int:
+        return self.data_shape[0] + self.num_position_features
+
+    @property
+    def resolutions(self) -> list[int]:
+        """The Fourier resolution of each spatial axis."""
+        return [self.resolution] * self.num_axes if isinstance(self.resolution, int) else list(self.resolution)
+
+    def _validate(self):
+        def fail(field, reason):
+            raise ValueError(f"PerceiverLiteConfig: `{field}` {reason}")
+
+        positive = ["cross_heads", "num_latent_tokens", "dim", "heads", "num_bands", "vocab_size", "ff_dim_scale"]
+        positive += [name for name in ("ff_dim", "head_dim", "cross_kv_dim") if getattr(self, name) is not None]
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                fail(name, f"must be a positive number, got {value!r}")
+        if len(self.data_shape) < 2 or any(not isinstance(n, int) or n <= 0 for n in self.data_shape):
+            fail("data_shape", f"must be [C, *axes] with at least one axis and positive sizes, got {self.data_shape}")
+        for name in ("ff_dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        if self.layer_norm_eps <= 0 or self.initializer_range < 0:
+            fail("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
+        self._validate_blocks(fail)
+        self._validate_positions(fail)
+        if self.head_dim is None:
+            for name in ("heads", "cross_heads"):
+                if self.dim % getattr(self, name):
+                    fail("dim", f"({self.dim}) must be divisible by `{name}` ({getattr(self, name)}) when `head_dim` is None")
+        if self.cross_kv_dim is not None and self.cross_kv_dim != self.expected_cross_kv_dim:
+            fail(
+                "cross_kv_dim",
+                f"({self.cross_kv_dim}) disagrees with data_shape {self.data_shape} and num_bands {self.num_bands}: "
+                f"C + axes x (2 x num_bands + 1) = {self.data_shape[0]} + {self.num_axes} x "
+                f"{2 * self.num_bands + 1} = {self.expected_cross_kv_dim}",
+            )
+
+    def _validate_blocks(self, fail):
+        counts = self.num_latent_transformers_in_layers
+        if not counts or any(not isinstance(n, int) or n < 0 for n in counts):
+            fail("num_latent_transformers_in_layers", f"must be a non-empty list of counts >= 0, got {counts}")
+        if not self.layers_indice:
+            fail("layers_indice", "must name at least one block, got []")
+        unknown = sorted({i for i in self.layers_indice if not isinstance(i, int) or not 0 <= i < len(counts)})
+        if unknown:
+            fail(
+                "layers_indice",
+                f"names blocks {unknown} that num_latent_transformers_in_layers (length {len(counts)}) does not "
+                f"define: valid blocks are 0..{len(counts) - 1}",
+            )
+        unused = sorted(set(range(len(counts))) - set(self.layers_indice))
+        if unused:
+            fail(
+                "layers_indice",
+                f"{self.layers_indice} leaves blocks {unused} of num_latent_transformers_in_layers unused",
+            )
+
+    def _validate_positions(self, fail):
+        resolutions = self.resolutions
+        if len(resolutions) != self.num_axes:
+            fail("resolution", f"needs one value per spatial axis ({self.num_axes}), got {self.resolution}")
+        if any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in resolutions):
+            fail("resolution", f"must be positive integers, got {self.resolution}")
+        if self.frequency_base is not None and not 0 < self.frequency_base <= min(resolutions) / 2:
+            fail(
+                "frequency_base",
+                f"must be in (0, resolution / 2 = {min(resolutions) / 2}] (the highest band), got {self.frequency_base}",
+            )
+
+
+__all__ = ["PerceiverLiteConfig"]

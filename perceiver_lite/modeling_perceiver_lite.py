@@ -1,0 +1,658 @@
+"""PyTorch PerceiverLite: the Perceiver (Jaegle et al., 2021) as a transformers model."""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    ImageClassifierOutput,
+    SequenceClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_perceiver_lite import PerceiverLiteConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input checks: every public forward validates before any compute.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _describe(tensor) -> str:
+    return f"{type(tensor).__name__}" if not isinstance(tensor, torch.Tensor) else f"shape {list(tensor.shape)}"
+
+
+def _check_tensor(name: str, tensor, expected: str, ndim: int | None = None, floating: bool | None = None):
+    """Raise a clear error unless `tensor` is a tensor of rank `ndim` with a non-empty shape of the right kind of dtype."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"`{name}` must have shape {expected} ({ndim} dimensions), got {_describe(tensor)}")
+    if 0 in tensor.shape:
+        raise ValueError(f"`{name}` must not be empty (a zero-length batch or axis), expected {expected}, got {_describe(tensor)}")
+    if floating is True and not tensor.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating point tensor, got dtype {tensor.dtype}; convert it with `.float()`")
+    if floating is False and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise TypeError(f"`{name}` must be an integer tensor, got dtype {tensor.dtype}")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"`{name}` contains NaN or Inf values; clean the inputs (for example with torch.nan_to_num)")
+
+
+def _check_mask(name: str, mask, allowed_shapes: list[tuple[int, ...]]):
+    """Check a mask (1/True = attend) against the shapes it may take."""
+    expected = " or ".join(str(list(shape)) for shape in allowed_shapes)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(mask).__name__}")
+    if tuple(mask.shape) not in allowed_shapes:
+        raise ValueError(f"`{name}` must have shape {expected}, got {list(mask.shape)}")
+
+
+def _key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = attend) broadcastable to (B, H, Lq, Lk), from (B, Lk) or (B, Lq, Lk).
+
+    A row with no valid key would give an all-masked softmax (NaN); such a row attends to every key instead, so that the
+    output stays finite. It carries no information from the inputs, which the documentation states.
+    """
+    mask = mask.bool()
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]  # (B, 1, 1 or Lq, Lk)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Position features
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PerceiverLiteFourierFeatures(nn.Module):
+    """Fourier position features: per axis, coordinates `x` in [-1, 1] and `[x, sin(pi f x), cos(pi f x)]` over the
+    bands `f`; the axes' features are concatenated, `axes * (2 * num_bands + 1)` channels per position.
+
+    The coordinates of an axis of `n` elements are `linspace(-1, 1, n)`. With an attention mask they come from each
+    sample's own valid extent along the axis (the last valid index + 1), so a padded sample gets exactly the features of
+    the same sample unpadded. Features for an unmasked input depend only on its spatial shape: they are built once and
+    reused until the shape changes. Nothing is stored in the state dict.
+    """
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__()
+        self.resolutions = config.resolutions
+        self.num_bands = config.num_bands
+        self.frequency_base = config.frequency_base
+        self._cached_key = None
+        self._cached_features = None
+
+    def frequencies(self, axis: int, device) -> torch.Tensor:
+        nyquist = self.resolutions[axis] / 2
+        if self.frequency_base is None:
+            return torch.linspace(1.0, nyquist, self.num_bands, device=device)
+        log_low, log_high = math.log(self.frequency_base), math.log(nyquist)
+        return torch.linspace(log_low, log_high, self.num_bands, device=device).exp()
+
+    def forward(self, spatial_shape, extents: torch.Tensor | None = None, device=None, dtype=torch.float32):
+        """Features of shape `(prod(spatial_shape), F)`, or `(B, prod(spatial_shape), F)` for per-sample `extents` (B, axes)."""
+        if extents is not None:
+            return self._build(spatial_shape, extents, device).to(dtype)
+        key = (tuple(spatial_shape), device, dtype)
+        if key != self._cached_key:
+            self._cached_features = self._build(spatial_shape, None, device).to(dtype)
+            self._cached_key = key
+        return self._cached_features
+
+    def _build(self, spatial_shape, extents, device) -> torch.Tensor:
+        lead = () if extents is None else (extents.shape[0],)
+        per_axis = []
+        for axis, size in enumerate(spatial_shape):
+            extent = size if extents is None else extents[:, axis : axis + 1].float()  # scalar or (B, 1)
+            step = 2.0 / (extent - 1).clamp(min=1) if extents is not None else 2.0 / max(size - 1, 1)
+            coordinates = torch.arange(size, device=device, dtype=torch.float32) * step - 1  # (n,) or (B, n)
+            scaled = math.pi * coordinates[..., None] * self.frequencies(axis, device)  # (..., n, bands)
+            features = torch.cat([coordinates[..., None], scaled.sin(), scaled.cos()], dim=-1)  # (..., n, 2 bands + 1)
+            grid = [1] * len(spatial_shape)
+            grid[axis] = size
+            features = features.view(*lead, *grid, features.shape[-1])  # (..., 1, n, 1, K)
+            per_axis.append(features.expand(*lead, *spatial_shape, features.shape[-1]))
+        return torch.cat(per_axis, dim=-1).flatten(len(lead), -2)  # (..., M, axes * K)
+
+
+class PerceiverLiteEmbeddings(nn.Module):
+    """Channel-first inputs `(B, C, *axes)` to the cross-attention's inputs `(B, M, C + F)`: data channels first, then
+    the Fourier position features of each element."""
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__()
+        self.position_features = PerceiverLiteFourierFeatures(config)
+
+    def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        batch_size, spatial_shape = inputs.shape[0], inputs.shape[2:]
+        data = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
+        extents = None
+        if attention_mask is not None:
+            attention_mask = attention_mask.reshape(batch_size, -1).bool()  # (B, M)
+            if not attention_mask.all():
+                extents = _valid_extents(attention_mask.view(batch_size, *spatial_shape))
+        positions = self.position_features(spatial_shape, extents, device=inputs.device, dtype=inputs.dtype)
+        positions = positions.expand(batch_size, *positions.shape[-2:])  # (B, M, F)
+        return torch.cat([data, positions], dim=-1), attention_mask  # (B, M, C + F)
+
+
+def _valid_extents(mask: torch.Tensor) -> torch.Tensor:
+    """Per sample and axis, the last valid index + 1 of a mask `(B, *axes)`: `(B, axes)`."""
+    extents = []
+    for axis in range(1, mask.dim()):
+        other_axes = [a for a in range(1, mask.dim()) if a != axis]
+        along = mask.any(dim=other_axes) if other_axes else mask  # (B, n)
+        index = torch.arange(1, along.shape[1] + 1, device=mask.device)
+        extents.append((along * index).amax(dim=1))
+    return torch.stack(extents, dim=1)  # (B, axes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention, feed-forward, layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, Lq, H, D)
+    return attn_output, attn_weights
+
+
+class PerceiverLiteAttention(nn.Module):
+    """Multi-head attention, not causal. Self-attention projects its keys and values from the latents; cross-attention
+    from the inputs, with `cross_heads` heads and a LayerNorm on the inputs (pre-norm)."""
+
+    def __init__(self, config: PerceiverLiteConfig, is_cross_attention: bool = False, kv_dim: int | None = None):
+        super().__init__()
+        self.config = config
+        self.is_causal = False
+        self.num_heads = config.cross_heads if is_cross_attention else config.heads
+        self.head_dim = config.head_dim or config.dim // self.num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        kv_dim = kv_dim or (config.cross_kv_dim if is_cross_attention else config.dim)
+        inner_dim = self.num_heads * self.head_dim
+        self.kv_norm = nn.LayerNorm(kv_dim, eps=config.layer_norm_eps) if is_cross_attention and config.pre_norm else None
+        self.q_proj = nn.Linear(config.dim, inner_dim)
+        self.k_proj = nn.Linear(kv_dim, inner_dim)
+        self.v_proj = nn.Linear(kv_dim, inner_dim)
+        self.o_proj = nn.Linear(inner_dim, config.dim)
+
+    def project_key_value(self, key_value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(B, H, Lk, D)` from `(B, Lk, kv_dim)`; reusable by every call that attends to the same states."""
+        if self.kv_norm is not None:
+            key_value_states = self.kv_norm(key_value_states)
+        hidden_shape = (*key_value_states.shape[:-1], self.num_heads, self.head_dim)
+        key = self.k_proj(key_value_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
+        value = self.v_proj(key_value_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(*input_shape, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
+        if key is None:
+            key, value = self.project_key_value(hidden_states)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1)  # (B, Lq, H * D)
+        return self.o_proj(attn_output), attn_weights
+
+
+class PerceiverLiteMLP(nn.Module):
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__()
+        ff_dim = config.ff_dim or int(config.dim * config.ff_dim_scale)
+        self.fc1 = nn.Linear(config.dim, ff_dim)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(ff_dim, config.dim)
+        self.dropout = nn.Dropout(config.ff_dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+
+
+class PerceiverLiteLayer(GradientCheckpointingLayer):
+    """Optional self-attention, optional cross-attention, then feed-forward; each a residual sublayer with its LayerNorm
+    before (`pre_norm`) or after the residual sum.
+
+    The Perceiver's cross-attend layer has only cross-attention, its latent transformer layers only self-attention, and
+    the seed's `PerceiverLayer` both.
+    """
+
+    def __init__(
+        self,
+        config: PerceiverLiteConfig,
+        self_attention: bool = True,
+        cross_attention: bool = False,
+        cross_kv_dim: int | None = None,
+    ):
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.self_attention = PerceiverLiteAttention(config) if self_attention else None
+        self.self_attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if self_attention else None
+        self.cross_attention = (
+            PerceiverLiteAttention(config, is_cross_attention=True, kv_dim=cross_kv_dim) if cross_attention else None
+        )
+        self.cross_attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if cross_attention else None
+        self.mlp = PerceiverLiteMLP(config)
+        self.mlp_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if self.self_attention is not None:
+            hidden_states = self._sublayer(self.self_attention_norm, self.self_attention, hidden_states, **kwargs)
+        if self.cross_attention is not None:
+            hidden_states = self._sublayer(
+                self.cross_attention_norm, self.cross_attention, hidden_states, key, value, attention_mask, **kwargs
+            )
+        return self._sublayer(self.mlp_norm, self.mlp, hidden_states)
+
+    def _sublayer(self, norm: nn.LayerNorm, sublayer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        residual = hidden_states
+        if self.pre_norm:
+            hidden_states = norm(hidden_states)
+        hidden_states = sublayer(hidden_states, *args, **kwargs)
+        if isinstance(hidden_states, tuple):  # attention: (output, weights)
+            hidden_states = hidden_states[0]
+        hidden_states = residual + hidden_states
+        return hidden_states if self.pre_norm else norm(hidden_states)
+
+
+class PerceiverLiteBlock(nn.Module):
+    """The seed's `PerceiverBlock`: a cross-attend from the latents to the inputs, then `num_self_attention_layers`
+    latent self-attention layers. Running a block again (a repeated index in `layers_indice`) shares its weights."""
+
+    def __init__(self, config: PerceiverLiteConfig, num_self_attention_layers: int):
+        super().__init__()
+        self.cross_layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True)
+        self.layers = nn.ModuleList(PerceiverLiteLayer(config) for _ in range(num_self_attention_layers))
+
+    def project_inputs(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values for `inputs_embeds`; the same for every run of this block."""
+        return self.cross_layer.cross_attention.project_key_value(inputs_embeds)
+
+    def forward(self, latents, key, value, attention_mask=None, **kwargs) -> torch.Tensor:
+        latents = self.cross_layer(latents, key, value, attention_mask, **kwargs)
+        for layer in self.layers:
+            latents = layer(latents, **kwargs)
+        return latents
+
+
+PerceiverBlock = PerceiverLiteBlock
+
+
+class PerceiverLayer(nn.Module):
+    """The seed's `PerceiverLayer`: `depth` x (self-attention on `q`; cross-attention from `q` to the concatenation of
+    `k` and `v` along the sequence; feed-forward), pre-norm with residuals. The output has `q`'s shape.
+
+    Args:
+        dim (`int`): width of `q`, `k` and `v`.
+        heads (`int`): number of attention heads.
+        depth (`int`): number of layers.
+        dim_head (`int`, defaults to 64): width of each head.
+        dropout (`float`, defaults to 0.1): dropout on the attention probabilities.
+        ff_dropout (`float`, defaults to 0.1): dropout on the feed-forward output.
+        ff_mult (`int`, defaults to 4): feed-forward expansion factor.
+
+    `forward(q, k, v, mask=None)` takes `q` `(B, Lq, dim)`, `k` `(B, Lk, dim)`, `v` `(B, Lv, dim)` and an optional `mask`
+    (True or 1 = attend) of shape `(B, Lq, Lk)` or `(B, Lk)`, applied to the `k` tokens and to the `v` tokens at the same
+    positions (then `Lk == Lv`), or `(B, Lk + Lv)` / `(B, Lq, Lk + Lv)` covering the whole concatenated context.
+    """
+
+    def __init__(self, dim, heads, depth, dim_head=64, dropout=0.1, ff_dropout=0.1, ff_mult=4):
+        super().__init__()
+        self.config = PerceiverLiteConfig(
+            dim=dim,
+            heads=heads,
+            cross_heads=heads,
+            head_dim=dim_head,
+            attention_dropout=dropout,
+            ff_dropout=ff_dropout,
+            ff_dim_scale=ff_mult,
+            layers_indice=[0],
+            num_latent_transformers_in_layers=[depth],
+        )
+        self.config._attn_implementation = "sdpa"
+        self.layers = nn.ModuleList(
+            PerceiverLiteLayer(self.config, self_attention=True, cross_attention=True, cross_kv_dim=dim)
+            for _ in range(depth)
+        )
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
+        mask = self._check_inputs(q, k, v, mask)
+        context = torch.cat([k, v], dim=1)  # (B, Lk + Lv, dim)
+        for layer in self.layers:
+            key, value = layer.cross_attention.project_key_value(context)
+            q = layer(q, key, value, mask)
+        return q
+
+    def _check_inputs(self, q, k, v, mask):
+        dim = self.config.dim
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
+            _check_tensor(name, tensor, f"[B, L{name}, {dim}]", ndim=3, floating=True)
+            if tensor.shape[-1] != dim or tensor.shape[0] != q.shape[0]:
+                raise ValueError(f"`{name}` must have shape [{q.shape[0]}, L{name}, {dim}], got {list(tensor.shape)}")
+        if mask is None:
+            return None
+        (batch_size, q_len), k_len, v_len = q.shape[:2], k.shape[1], v.shape[1]
+        shapes = [(batch_size, k_len + v_len), (batch_size, q_len, k_len + v_len)]
+        if k_len == v_len:
+            shapes += [(batch_size, k_len), (batch_size, q_len, k_len)]
+        _check_mask("mask", mask, shapes)
+        if mask.shape[-1] == k_len and k_len != k_len + v_len:
+            mask = torch.cat([mask, mask], dim=-1)  # the same positions of k and of v
+        return _key_padding_mask(mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PerceiverLitePreTrainedModel(PreTrainedModel):
+    config_class = PerceiverLiteConfig
+    config: PerceiverLiteConfig
+    base_model_prefix = "perceiver"
+    main_input_name = "inputs"
+    supports_gradient_checkpointing = True
+    accepts_loss_kwargs = False
+    _no_split_modules = ["PerceiverLiteLayer"]
+    _supports_sdpa = True
+    _can_record_outputs = {
+        "hidden_states": PerceiverLiteLayer,
+        "attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="self_attention"),
+        "cross_attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="cross_attention"),
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, PerceiverLiteModel):
+            init.trunc_normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+
+
+class PerceiverLiteModel(PerceiverLitePreTrainedModel):
+    """A learned latent array that cross-attends to the inputs and refines itself, block by block in `layers_indice`
+    order. Returns the latents (`last_hidden_state`, `(B, N, dim)`) and their mean (`pooler_output`, `(B, dim)`)."""
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        self.embeddings = PerceiverLiteEmbeddings(config)
+        self.latents = nn.Parameter(torch.empty(config.num_latent_tokens, config.dim))
+        self.blocks = nn.ModuleList(PerceiverLiteBlock(config, n) for n in config.num_latent_transformers_in_layers)
+        self.post_init()
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        inputs: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions:
+        r"""
+        inputs (`torch.FloatTensor` of shape `(B, C, *axes)`):
+            Channel-first inputs with the spatial axes that `config.data_shape` declares, of any size.
+        attention_mask (`torch.Tensor` of shape `(B, *axes)` or `(B, M)`, *optional*):
+            1 (True) for a valid input element, 0 for padding.
+        inputs_embeds (`torch.FloatTensor` of shape `(B, M, cross_kv_dim)`, *optional*):
+            Cross-attention inputs that carry their own position features, instead of `inputs`.
+        """
+        self._check_inputs(inputs, attention_mask, inputs_embeds)
+        if inputs_embeds is None:
+            inputs_embeds, attention_mask = self.embeddings(inputs, attention_mask)
+        elif attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        if attention_mask is not None:
+            attention_mask = _key_padding_mask(attention_mask)  # (B, 1, 1, M)
+
+        latents = self.latents.expand(inputs_embeds.shape[0], -1, -1)  # (B, N, dim)
+        key_values = {}
+        for index in self.config.layers_indice:
+            block = self.blocks[index]
+            if index not in key_values:  # repeats of a block attend to the same keys and values
+                key_values[index] = block.project_inputs(inputs_embeds)
+            latents = block(latents, *key_values[index], attention_mask, **kwargs)
+
+        return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))
+
+    def _check_inputs(self, inputs, attention_mask, inputs_embeds):
+        config = self.config
+        if (inputs is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `inputs` and `inputs_embeds`")
+        if inputs_embeds is not None:
+            expected = f"[B, M, cross_kv_dim={config.cross_kv_dim}]"
+            _check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True)
+            if inputs_embeds.shape[-1] != config.cross_kv_dim:
+                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
+            mask_shapes = [tuple(inputs_embeds.shape[:2])]
+        else:
+            axes = ", ".join(f"axis{i}" for i in range(config.num_axes))
+            expected = f"[B, C={config.data_shape[0]}, {axes}] (data_shape {config.data_shape})"
+            _check_tensor("inputs", inputs, expected, ndim=config.num_axes + 2, floating=True)
+            if inputs.shape[1] != config.data_shape[0]:
+                raise ValueError(f"`inputs` must have shape {expected}, got {list(inputs.shape)}: wrong channel count")
+            mask_shapes = [(inputs.shape[0], *inputs.shape[2:]), (inputs.shape[0], math.prod(inputs.shape[2:]))]
+        if attention_mask is not None:
+            _check_mask("attention_mask", attention_mask, mask_shapes)
+
+
+class PerceiverLiteClassifier(nn.Module):
+    """The paper's classifier: LayerNorm and a linear layer on the mean of the latents."""
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.dense = nn.Linear(config.dim, config.num_labels)
+
+    def forward(self, pooled_output: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.norm(pooled_output))
+
+
+class PerceiverLiteClassificationMixin:
+    """Shared by the heads: the base model, the classifier, and the loss by `config.problem_type`."""
+
+    def _build_classifier(self, config: PerceiverLiteConfig):
+        self.perceiver = PerceiverLiteModel(config)
+        self.classifier = PerceiverLiteClassifier(config)
+
+    def _classify(self, inputs, attention_mask, labels, output_class, **kwargs):
+        outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None
+        if labels is not None:
+            self._check_labels(labels, logits)
+            loss = self.loss_function(labels, logits, self.config)
+        return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def _check_labels(self, labels, logits):
+        batch_size, num_labels = logits.shape
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}")
+        problem_type = self.config.problem_type
+        if problem_type is None:  # inferred as transformers' loss does
+            integer = not labels.is_floating_point()
+            problem_type = "regression" if num_labels == 1 else ("single_label_classification" if integer else None)
+        if problem_type == "single_label_classification":
+            if tuple(labels.shape) not in ((batch_size,), (batch_size, 1)) or labels.is_floating_point():
+                raise ValueError(
+                    f"`labels` must be integer class ids of shape [{batch_size}], got {_describe(labels)} {labels.dtype}"
+                )
+            invalid = (labels != -100) & ((labels < 0) | (labels >= num_labels))
+            if invalid.any():
+                raise ValueError(
+                    f"`labels` must be class ids in [0, {num_labels - 1}] (or -100 to ignore), "
+                    f"got {labels[invalid].unique().tolist()}"
+                )
+        elif problem_type == "regression" and labels.numel() != batch_size * num_labels:
+            raise ValueError(f"`labels` must have shape [{batch_size}, {num_labels}], got {_describe(labels)}")
+        elif problem_type in (None, "multi_label_classification") and tuple(labels.shape) != (batch_size, num_labels):
+            raise ValueError(
+                f"`labels` must be multi-hot floats of shape [{batch_size}, {num_labels}], got {_describe(labels)}"
+            )
+
+
+class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        self._build_classifier(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(B, C, *spatial)`): images (or volumes, videos) of any size.
+        labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
+            Class ids, multi-hot targets or regression targets, by `config.problem_type`.
+        """
+        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, **kwargs)
+
+
+class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
+    """Token ids embedded into `data_shape[0]` channels with 1-D Fourier positions; padding is masked out."""
+
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        if config.num_axes != 1:
+            raise ValueError(f"PerceiverLiteForSequenceClassification needs a 1-D data_shape [C, T], got {config.data_shape}")
+        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
+        self._build_classifier(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`): token ids in `[0, vocab_size)`.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
+        labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
+            Class ids, multi-hot targets or regression targets, by `config.problem_type`.
+        """
+        _check_tensor("input_ids", input_ids, "[B, T]", ndim=2, floating=False)
+        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
+            raise ValueError(
+                f"`input_ids` must be in [0, vocab_size={self.config.vocab_size}), got values in "
+                f"[{input_ids.min().item()}, {input_ids.max().item()}]"
+            )
+        inputs = self.embeddings(input_ids).transpose(1, 2)  # (B, C, T)
+        return self._classify(inputs, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+
+
+class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
+    """Raw 1-D signals (audio, sensors, time series) of any length, `(B, T)` or `(B, C, T)`, with padding masks."""
+
+    main_input_name = "input_values"
+    input_modalities = ("audio",)
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        if config.num_axes != 1:
+            raise ValueError(f"PerceiverLiteForAudioClassification needs a 1-D data_shape [C, T], got {config.data_shape}")
+        self._build_classifier(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SequenceClassifierOutput:
+        r"""
+        input_values (`torch.FloatTensor` of shape `(B, T)` or `(B, C, T)`): the signals.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for samples, 0 for padding.
+        labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
+            Class ids, multi-hot targets or regression targets, by `config.problem_type`.
+        """
+        if isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
+            input_values = input_values[:, None]  # (B, 1, T)
+        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+
+
+__all__ = [
+    "PerceiverBlock",
+    "PerceiverLayer",
+    "PerceiverLiteBlock",
+    "PerceiverLiteForAudioClassification",
+    "PerceiverLiteForImageClassification",
+    "PerceiverLiteForSequenceClassification",
+    "PerceiverLiteModel",
+    "PerceiverLitePreTrainedModel",
+]
