@@ -4,16 +4,11 @@ Importing the package registers the config and models with transformers' Auto cl
 `AutoModel.from_pretrained(folder)` works without `trust_remote_code`.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForAudioClassification,
-    AutoModelForImageClassification,
-    AutoModelForSequenceClassification,
-)
+import transformers
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
 from .modeling_perceiver_lite import (
+    AUTO_CLASSES,
     PerceiverBlock,
     PerceiverLayer,
     PerceiverLiteBlock,
@@ -24,16 +19,9 @@ from .modeling_perceiver_lite import (
     PerceiverLitePreTrainedModel,
 )
 
-AUTO_CLASSES = {
-    "AutoModel": (AutoModel, PerceiverLiteModel),
-    "AutoModelForImageClassification": (AutoModelForImageClassification, PerceiverLiteForImageClassification),
-    "AutoModelForSequenceClassification": (AutoModelForSequenceClassification, PerceiverLiteForSequenceClassification),
-    "AutoModelForAudioClassification": (AutoModelForAudioClassification, PerceiverLiteForAudioClassification),
-}
-
-AutoConfig.register(PerceiverLiteConfig.model_type, PerceiverLiteConfig, exist_ok=True)
-for _auto_class, _model_class in AUTO_CLASSES.values():
-    _auto_class.register(PerceiverLiteConfig, _model_class, exist_ok=True)
+transformers.AutoConfig.register(PerceiverLiteConfig.model_type, PerceiverLiteConfig, exist_ok=True)
+for _auto_class, _model_class in AUTO_CLASSES.items():
+    getattr(transformers, _auto_class).register(PerceiverLiteConfig, _model_class, exist_ok=True)
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,7 @@
 """PerceiverLite model configuration."""
 
+import os
+
 from transformers import PreTrainedConfig
 
 
@@ -111,6 +113,24 @@ class PerceiverLiteConfig(PreTrainedConfig):
         if self.cross_kv_dim is None:
             self.cross_kv_dim = self.expected_cross_kv_dim
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))  # for `from_dict`'s errors, as Auto does
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """As transformers does, but a config of another model type, or with invalid fields, raises a `ValueError`
+        naming the problem and the file it came from (`name_or_path`, from `from_pretrained` or an Auto class)."""
+        source = _config_source(kwargs.get("name_or_path"))
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"{source} describes a `{model_type}` model, not `{cls.model_type}` (PerceiverLite)")
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source} is not a valid PerceiverLite config: {error}") from error
+
     @property
     def num_axes(self) -> int:
         """Number of spatial axes of the inputs (`len(data_shape) - 1`)."""
@@ -134,19 +154,24 @@ class PerceiverLiteConfig(PreTrainedConfig):
         def fail(field, reason):
             raise ValueError(f"PerceiverLiteConfig: `{field}` {reason}")
 
-        positive = ["cross_heads", "num_latent_tokens", "dim", "heads", "num_bands", "vocab_size", "ff_dim_scale"]
-        positive += [name for name in ("ff_dim", "head_dim", "cross_kv_dim") if getattr(self, name) is not None]
-        for name in positive:
+        sizes = ["cross_heads", "num_latent_tokens", "dim", "heads", "num_bands", "vocab_size"]
+        sizes += [name for name in ("ff_dim", "head_dim", "cross_kv_dim") if getattr(self, name) is not None]
+        for name in sizes:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                fail(name, f"must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                fail(name, f"must be a positive integer, got {value!r}")
+        scale = self.ff_dim_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+            fail("ff_dim_scale", f"must be a positive number, got {scale!r}")
         if len(self.data_shape) < 2 or any(not isinstance(n, int) or n <= 0 for n in self.data_shape):
             fail("data_shape", f"must be [C, *axes] with at least one axis and positive sizes, got {self.data_shape}")
         for name in ("ff_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        if self.layer_norm_eps <= 0 or self.initializer_range < 0:
+        if not self.layer_norm_eps > 0:
             fail("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
+        if not self.initializer_range >= 0:
+            fail("initializer_range", f"must be >= 0, got {self.initializer_range!r}")
         self._validate_blocks(fail)
         self._validate_positions(fail)
         if self.head_dim is None:
@@ -192,6 +217,15 @@ class PerceiverLiteConfig(PreTrainedConfig):
                 "frequency_base",
                 f"must be in (0, resolution / 2 = {min(resolutions) / 2}] (the highest band), got {self.frequency_base}",
             )
+
+
+def _config_source(name_or_path) -> str:
+    """Where a config came from, for error messages: its `config.json`, or "The config" for a plain dict."""
+    if not name_or_path:
+        return "The config"
+    if os.path.isdir(name_or_path):
+        return f"`{os.path.join(name_or_path, 'config.json')}`"
+    return f"`{name_or_path}`" if os.path.isfile(name_or_path) else f"The `config.json` of `{name_or_path}`"
 
 
 __all__ = ["PerceiverLiteConfig"]

@@ -1,9 +1,13 @@
 """PyTorch PerceiverLite: the Perceiver (Jaegle et al., 2021) as a transformers model."""
 
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -34,8 +38,16 @@ def _describe(tensor) -> str:
     return f"{type(tensor).__name__}" if not isinstance(tensor, torch.Tensor) else f"shape {list(tensor.shape)}"
 
 
-def _check_tensor(name: str, tensor, expected: str, ndim: int | None = None, floating: bool | None = None):
-    """Raise a clear error unless `tensor` is a tensor of rank `ndim` with a non-empty shape of the right kind of dtype."""
+def _check_tensor(
+    name: str,
+    tensor,
+    expected: str,
+    ndim: int | None = None,
+    floating: bool | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """Raise a clear error unless `tensor` is a tensor of rank `ndim` with a non-empty shape of the right kind of dtype
+    and finite values, also once cast to `dtype` (the model's, when the forward casts its inputs)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
     if ndim is not None and tensor.dim() != ndim:
@@ -46,24 +58,30 @@ def _check_tensor(name: str, tensor, expected: str, ndim: int | None = None, flo
         raise TypeError(f"`{name}` must be a floating point tensor, got dtype {tensor.dtype}; convert it with `.float()`")
     if floating is False and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
         raise TypeError(f"`{name}` must be an integer tensor, got dtype {tensor.dtype}")
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise ValueError(f"`{name}` contains NaN or Inf values; clean the inputs (for example with torch.nan_to_num)")
+    if tensor.is_floating_point() and not torch.isfinite(tensor.to(dtype or tensor.dtype)).all():
+        beyond = f" (or values beyond the range of the model's {dtype})" if dtype not in (None, tensor.dtype) else ""
+        raise ValueError(
+            f"`{name}` contains NaN or Inf values{beyond}; clean the inputs (for example with torch.nan_to_num)"
+        )
 
 
 def _check_mask(name: str, mask, allowed_shapes: list[tuple[int, ...]]):
     """Check a mask (1/True = attend) against the shapes it may take."""
-    expected = " or ".join(str(list(shape)) for shape in allowed_shapes)
+    expected = " or ".join(str(list(shape)) for shape in dict.fromkeys(allowed_shapes))
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(mask).__name__}")
     if tuple(mask.shape) not in allowed_shapes:
         raise ValueError(f"`{name}` must have shape {expected}, got {list(mask.shape)}")
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"`{name}` must hold 1 (attend) or 0 (padding), got values {mask.unique().tolist()[:8]}")
 
 
 def _key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
     """A boolean mask (True = attend) broadcastable to (B, H, Lq, Lk), from (B, Lk) or (B, Lq, Lk).
 
     A row with no valid key would give an all-masked softmax (NaN); such a row attends to every key instead, so that the
-    output stays finite. It carries no information from the inputs, which the documentation states.
+    output stays finite (and the same under eager and sdpa). That output is computed from the padding values, so it is
+    meaningless: a sample with nothing valid has no meaningful prediction (README, "Design decisions").
     """
     mask = mask.bool()
     mask = mask | ~mask.any(dim=-1, keepdim=True)
@@ -353,6 +371,8 @@ class PerceiverLayer(nn.Module):
 
     def __init__(self, dim, heads, depth, dim_head=64, dropout=0.1, ff_dropout=0.1, ff_mult=4):
         super().__init__()
+        self._check_arguments(dim=dim, heads=heads, depth=depth, dim_head=dim_head, dropout=dropout,
+                              ff_dropout=ff_dropout, ff_mult=ff_mult)  # fmt: skip
         self.config = PerceiverLiteConfig(
             dim=dim,
             heads=heads,
@@ -369,6 +389,19 @@ class PerceiverLayer(nn.Module):
             PerceiverLiteLayer(self.config, self_attention=True, cross_attention=True, cross_kv_dim=dim)
             for _ in range(depth)
         )
+
+    @staticmethod
+    def _check_arguments(**arguments):
+        """Errors name the seed's arguments, not the config fields they fill (`dim_head` is the config's `head_dim`)."""
+        for name in ("dim", "heads", "depth", "dim_head"):
+            value = arguments[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PerceiverLayer: `{name}` must be a positive integer, got {value!r}")
+        for name in ("dropout", "ff_dropout"):
+            if not 0 <= arguments[name] < 1:
+                raise ValueError(f"PerceiverLayer: `{name}` must be in [0, 1), got {arguments[name]!r}")
+        if not arguments["ff_mult"] > 0:
+            raise ValueError(f"PerceiverLayer: `ff_mult` must be positive, got {arguments['ff_mult']!r}")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         mask = self._check_inputs(q, k, v, mask)
@@ -391,7 +424,7 @@ class PerceiverLayer(nn.Module):
         if k_len == v_len:
             shapes += [(batch_size, k_len), (batch_size, q_len, k_len)]
         _check_mask("mask", mask, shapes)
-        if mask.shape[-1] == k_len and k_len != k_len + v_len:
+        if mask.shape[-1] == k_len:
             mask = torch.cat([mask, mask], dim=-1)  # the same positions of k and of v
         return _key_padding_mask(mask)
 
@@ -399,6 +432,18 @@ class PerceiverLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def _unreadable_safetensors(folder) -> list[str]:
+    """The `.safetensors` files under a local `folder` that safetensors cannot open (truncated or corrupt)."""
+    unreadable = []
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except SafetensorError:
+            unreadable.append(str(path))
+    return unreadable
 
 
 class PerceiverLitePreTrainedModel(PreTrainedModel):
@@ -415,6 +460,50 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="self_attention"),
         "cross_attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="cross_attention"),
     }
+    pipeline_tag = "feature-extraction"  # the Hub task, in the model card's metadata
+
+    def __init__(self, config: PerceiverLiteConfig, *inputs, **kwargs):
+        super().__init__(config, *inputs, **kwargs)
+        self.model_tags = ["perceiver", "perceiver-lite"]  # on the cards of `push_to_hub` and `Trainer.push_to_hub`
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Loads as transformers does; a truncated or corrupt safetensors file raises an `OSError` that names it.
+        Weights are read from safetensors only, never unpickled (`pytorch_model.bin`), unless `use_safetensors=False`."""
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            files = ", ".join(_unreadable_safetensors(pretrained_model_name_or_path)) or "a safetensors file"
+            raise OSError(
+                f"Cannot load the weights of {pretrained_model_name_or_path}: {files} is truncated or corrupt "
+                f"(safetensors: {error}). Save or download the checkpoint again."
+            ) from error
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves as transformers does, with this file and the config's copied beside the weights (see `AUTO_CLASSES`),
+        and lists every PerceiverLite model in `config.auto_map`, not only the saved class, so that `AutoModel` and
+        each `AutoModelFor...` load the folder with `trust_remote_code=True` where this package is not installed."""
+        module = self.__module__.rsplit(".", 1)[-1]  # `modeling_perceiver_lite`, also when loaded as remote code
+        auto_map = {name: f"{module}.{model_class.__name__}" for name, model_class in AUTO_CLASSES.items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def update_model_card(self, path: str | os.PathLike, **metadata) -> None:
+        """Completes the model card (`README.md`) at `path` with this model's Hub metadata: `library_name:
+        transformers`, its `pipeline_tag`, the tags of `model_tags`, and `metadata` (for example `datasets=[...]`).
+        What the card already says is kept. `push_to_hub` runs it on the card it uploads."""
+        card = ModelCard.load(path)
+        for key, value in {"library_name": "transformers", "pipeline_tag": self.pipeline_tag, **metadata}.items():
+            if card.data.get(key) is None:
+                card.data[key] = value
+        card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *(self.model_tags or [])]))
+        card.save(path)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `push_to_hub` and `save_pretrained(push_to_hub=True)` write transformers' card, then upload `working_dir`
+        self.update_model_card(os.path.join(working_dir, "README.md"))
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -456,6 +545,7 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
             inputs_embeds, attention_mask = self.embeddings(inputs, attention_mask)
         elif attention_mask is not None:
             attention_mask = attention_mask.bool()
+        inputs_embeds = inputs_embeds.to(self.dtype)  # as ViT: inputs of any float dtype, computed in the weights' dtype
         if attention_mask is not None:
             attention_mask = _key_padding_mask(attention_mask)  # (B, 1, 1, M)
 
@@ -469,22 +559,25 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
 
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))
 
-    def _check_inputs(self, inputs, attention_mask, inputs_embeds):
+    def _check_inputs(self, inputs, attention_mask, inputs_embeds, input_name: str = "inputs"):
+        """Validate before any compute; `input_name` is the caller's name of `inputs` (`pixel_values`, say)."""
         config = self.config
         if (inputs is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `inputs` and `inputs_embeds`")
+            raise ValueError(f"Pass exactly one of `{input_name}` and `inputs_embeds`")
         if inputs_embeds is not None:
             expected = f"[B, M, cross_kv_dim={config.cross_kv_dim}]"
-            _check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True)
+            _check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=self.dtype)
             if inputs_embeds.shape[-1] != config.cross_kv_dim:
                 raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
             mask_shapes = [tuple(inputs_embeds.shape[:2])]
         else:
             axes = ", ".join(f"axis{i}" for i in range(config.num_axes))
             expected = f"[B, C={config.data_shape[0]}, {axes}] (data_shape {config.data_shape})"
-            _check_tensor("inputs", inputs, expected, ndim=config.num_axes + 2, floating=True)
+            _check_tensor(input_name, inputs, expected, ndim=config.num_axes + 2, floating=True, dtype=self.dtype)
             if inputs.shape[1] != config.data_shape[0]:
-                raise ValueError(f"`inputs` must have shape {expected}, got {list(inputs.shape)}: wrong channel count")
+                raise ValueError(
+                    f"`{input_name}` must have shape {expected}, got {list(inputs.shape)}: wrong channel count"
+                )
             mask_shapes = [(inputs.shape[0], *inputs.shape[2:]), (inputs.shape[0], math.prod(inputs.shape[2:]))]
         if attention_mask is not None:
             _check_mask("attention_mask", attention_mask, mask_shapes)
@@ -509,45 +602,47 @@ class PerceiverLiteClassificationMixin:
         self.perceiver = PerceiverLiteModel(config)
         self.classifier = PerceiverLiteClassifier(config)
 
-    def _classify(self, inputs, attention_mask, labels, output_class, **kwargs):
+    def _classify(self, inputs, attention_mask, labels, output_class, input_name="inputs", **kwargs):
+        self.perceiver._check_inputs(inputs, attention_mask, None, input_name=input_name)
+        if labels is not None:
+            self._check_labels(labels, inputs.shape[0])
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
         logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            self._check_labels(labels, logits)
-            loss = self.loss_function(labels, logits, self.config)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
         return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
-    def _check_labels(self, labels, logits):
-        batch_size, num_labels = logits.shape
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"`labels` must be a torch.Tensor, got {type(labels).__name__}")
-        problem_type = self.config.problem_type
-        if problem_type is None:  # inferred as transformers' loss does
-            integer = not labels.is_floating_point()
+    def _check_labels(self, labels, batch_size: int):
+        """Labels by `config.problem_type`, inferred from their dtype as transformers' loss does when it is None."""
+        num_labels, problem_type = self.config.num_labels, self.config.problem_type
+        if problem_type is None:
+            integer = isinstance(labels, torch.Tensor) and labels.dtype in (torch.long, torch.int)
             problem_type = "regression" if num_labels == 1 else ("single_label_classification" if integer else None)
         if problem_type == "single_label_classification":
-            if tuple(labels.shape) not in ((batch_size,), (batch_size, 1)) or labels.is_floating_point():
-                raise ValueError(
-                    f"`labels` must be integer class ids of shape [{batch_size}], got {_describe(labels)} {labels.dtype}"
-                )
-            invalid = (labels != -100) & ((labels < 0) | (labels >= num_labels))
-            if invalid.any():
-                raise ValueError(
-                    f"`labels` must be class ids in [0, {num_labels - 1}] (or -100 to ignore), "
-                    f"got {labels[invalid].unique().tolist()}"
-                )
-        elif problem_type == "regression" and labels.numel() != batch_size * num_labels:
-            raise ValueError(f"`labels` must have shape [{batch_size}, {num_labels}], got {_describe(labels)}")
-        elif problem_type in (None, "multi_label_classification") and tuple(labels.shape) != (batch_size, num_labels):
+            shapes, kind = [(batch_size,), (batch_size, 1)], "torch.long class ids"
+        elif problem_type == "regression":
+            shapes, kind = [(batch_size, num_labels)] + [(batch_size,)] * (num_labels == 1), "regression targets"
+        else:
+            shapes, kind = [(batch_size, num_labels)], "multi-hot floats"
+        expected = " or ".join(str(list(shape)) for shape in shapes) + f" ({kind})"
+        _check_tensor("labels", labels, expected, floating=True if kind == "multi-hot floats" else None)
+        if tuple(labels.shape) not in shapes:
+            raise ValueError(f"`labels` must have shape {expected}, got {_describe(labels)}")
+        if problem_type != "single_label_classification":
+            return
+        if labels.dtype != torch.long:
+            raise TypeError(f"`labels` must be {expected}, got dtype {labels.dtype}; convert them with `.long()`")
+        invalid = (labels != -100) & ((labels < 0) | (labels >= num_labels))
+        if invalid.any():
             raise ValueError(
-                f"`labels` must be multi-hot floats of shape [{batch_size}, {num_labels}], got {_describe(labels)}"
+                f"`labels` must be class ids in [0, {num_labels - 1}] (or -100 to ignore), "
+                f"got {labels[invalid].unique().tolist()}"
             )
 
 
 class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    pipeline_tag = "image-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
@@ -567,7 +662,7 @@ class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, Perc
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, **kwargs)
+        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, "pixel_values", **kwargs)
 
 
 class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -575,6 +670,7 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
 
     main_input_name = "input_ids"
     input_modalities = ("text",)
+    pipeline_tag = "text-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
@@ -619,6 +715,7 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
 
     main_input_name = "input_values"
     input_modalities = ("audio",)
+    pipeline_tag = "audio-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
@@ -643,7 +740,24 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
         """
         if isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
             input_values = input_values[:, None]  # (B, 1, T)
-        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, "input_values", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Auto classes. Registered here, not in the package's `__init__`, so that a copy of this file loaded as remote code
+# (`trust_remote_code=True`) registers them too, and saves again with its code.
+# ---------------------------------------------------------------------------------------------------------------------
+
+AUTO_CLASSES = {
+    "AutoModel": PerceiverLiteModel,
+    "AutoModelForImageClassification": PerceiverLiteForImageClassification,
+    "AutoModelForSequenceClassification": PerceiverLiteForSequenceClassification,
+    "AutoModelForAudioClassification": PerceiverLiteForAudioClassification,
+}
+
+PerceiverLiteConfig.register_for_auto_class()
+for _auto_class, _model_class in AUTO_CLASSES.items():
+    _model_class.register_for_auto_class(_auto_class)
 
 
 __all__ = [

@@ -1,0 +1,569 @@
+"""Side-by-side benchmark of PerceiverLite against transformers' Perceiver and perceiver-pytorch.
+
+    python scripts/benchmark.py                 # full run on the CPU, a few minutes
+    python scripts/benchmark.py --quick         # smoke test: tiny sizes, seconds
+    python scripts/benchmark.py --device cuda   # the same comparison on a GPU
+
+Every model gets the same inputs and labels and a matched size: the same latents, widths, depths, heads and Fourier
+bands, and feed-forward layers of the same size (perceiver-pytorch's fixed GEGLU with factor 4 equals a plain
+feed-forward of width 6 x dim, so ours and transformers' use 6 x dim); parameter counts are printed. Measurements are
+interleaved across models and the minimum over repeats is kept, which filters out noise from other processes.
+
+- Scenario A: one cross-attend then 6 latent self-attention layers, in float32 and under bfloat16 autocast: inference
+  and training-step (forward, backward, AdamW step) throughput, the peak memory of a training step and the achieved
+  GFLOP/s as a fraction of this machine's matmul rate for that dtype, measured in the same run.
+- Scenario B: the paper's repeated cross-attention (`layers_indice=[0, 1, 1, 1]`) against perceiver-pytorch with
+  `weight_tie_layers=True` at the same depth.
+- Scenario C: the training step from ~4k to ~64k input elements, time and peak memory, with the fitted exponent of
+  their growth (log-log least squares).
+
+Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
+allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
+child process whose allocator returns every large block to the OS on free (`MALLOC_MMAP_THRESHOLD_`, so the resident
+set follows live memory): after a warm-up step (optimizer state allocated, gradients freed) the kernel's resident-set
+high-water mark is reset through `/proc/self/clear_refs` and read back from `/proc/self/status` after one more step.
+
+FLOPs are counted with `torch.utils.flop_counter` on the path each model really runs (forward for inference, forward
+and backward for training; the optimizer is not counted).
+
+Results are printed and written as JSON and markdown (`benchmarks/benchmark-<device>.{json,md}` by default).
+"""
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+
+NUM_LABELS = 10
+PEERS = ("transformers", "perceiver-pytorch")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One model size: an image classifier over `image_size`^2 x `channels` inputs."""
+
+    image_size: int = 64
+    channels: int = 3
+    batch_size: int = 8
+    num_latents: int = 256
+    dim: int = 256
+    num_bands: int = 64
+    self_attends: int = 6
+    latent_heads: int = 8
+    cross_attends: int = 1  # > 1: the paper's repeated cross-attention, block 1 shared by every repeat
+    ff_scale: int = 6  # plain feed-forward width / dim; 6 matches perceiver-pytorch's GEGLU with factor 4
+
+    @property
+    def num_elements(self) -> int:
+        return self.image_size**2 * self.channels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_ours(setup: Setup, attn_implementation="sdpa", gradient_checkpointing=False):
+    from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForImageClassification
+
+    config = PerceiverLiteConfig(
+        data_shape=[setup.channels, setup.image_size, setup.image_size],
+        num_latent_tokens=setup.num_latents,
+        dim=setup.dim,
+        heads=setup.latent_heads,
+        cross_heads=1,
+        layers_indice=[0] + [1] * (setup.cross_attends - 1),
+        num_latent_transformers_in_layers=[setup.self_attends] * min(setup.cross_attends, 2),
+        num_bands=setup.num_bands,
+        resolution=224,
+        frequency_base=None,
+        ff_dim_scale=setup.ff_scale,
+        num_labels=NUM_LABELS,
+    )
+    model = PerceiverLiteForImageClassification(config)
+    model.set_attn_implementation(attn_implementation)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model, lambda inputs: model(inputs).logits
+
+
+def build_transformers(setup: Setup):
+    from transformers import PerceiverConfig, PerceiverForImageClassificationFourier
+
+    if setup.cross_attends != 1:
+        raise ValueError("transformers' Perceiver has a single cross-attend")
+    config = PerceiverConfig(
+        num_latents=setup.num_latents,
+        d_latents=setup.dim,
+        d_model=setup.channels + 2 * (2 * setup.num_bands + 1),
+        num_blocks=1,
+        num_self_attends_per_block=setup.self_attends,
+        num_self_attention_heads=setup.latent_heads,
+        num_cross_attention_heads=1,
+        self_attention_widening_factor=setup.ff_scale,
+        cross_attention_widening_factor=setup.ff_scale,
+        attention_probs_dropout_prob=0.0,
+        image_size=setup.image_size,
+        num_labels=NUM_LABELS,
+    )
+    model = PerceiverForImageClassificationFourier(config)
+    return model, lambda inputs: model(inputs=inputs).logits
+
+
+def build_perceiver_pytorch(setup: Setup):
+    from perceiver_pytorch import Perceiver
+
+    model = Perceiver(
+        num_freq_bands=setup.num_bands,
+        depth=setup.cross_attends,
+        max_freq=224,
+        input_channels=setup.channels,
+        input_axis=2,
+        num_latents=setup.num_latents,
+        latent_dim=setup.dim,
+        cross_heads=1,
+        latent_heads=setup.latent_heads,
+        cross_dim_head=setup.dim,
+        latent_dim_head=setup.dim // setup.latent_heads,
+        num_classes=NUM_LABELS,
+        weight_tie_layers=setup.cross_attends > 1,
+        self_per_cross_attn=setup.self_attends,
+    )
+    return model, lambda inputs: model(inputs.permute(0, 2, 3, 1))  # channel-last (B, H, W, C), a view
+
+
+BUILDERS = {
+    "ours": build_ours,
+    "ours (eager)": lambda setup: build_ours(setup, attn_implementation="eager"),
+    "ours (checkpointing)": lambda setup: build_ours(setup, gradient_checkpointing=True),
+    "transformers": build_transformers,
+    "perceiver-pytorch": build_perceiver_pytorch,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Runner:
+    """A model with its inputs, labels and optimizer, and the steps to time."""
+
+    def __init__(self, name: str, setup: Setup, device: str, dtype: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.name, self.setup, self.device = name, setup, device
+        model, self.logits = BUILDERS[name](setup)
+        self.model = model.to(device)
+        generator = torch.Generator().manual_seed(seed)
+        shape = (setup.batch_size, setup.channels, setup.image_size, setup.image_size)
+        self.inputs = torch.randn(shape, generator=generator).to(device)
+        self.labels = torch.randint(0, NUM_LABELS, (setup.batch_size,), generator=generator).to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def infer(self, grad_mode=torch.inference_mode):
+        self.model.eval()
+        with grad_mode(), self.autocast:
+            return self.logits(self.inputs)
+
+    def loss(self):
+        self.model.train()
+        with self.autocast:
+            return F.cross_entropy(self.logits(self.inputs).float(), self.labels)
+
+    def train_step(self):
+        self.loss().backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def flops(self) -> tuple[int, int]:
+        """FLOPs of one inference and of one training forward + backward."""
+        with FlopCounterMode(display=False) as counter:
+            self.infer(torch.enable_grad)  # the counter's module tracker fails on no-grad views of parameters
+        inference = counter.get_total_flops()
+        with FlopCounterMode(display=False) as counter:
+            self.loss().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return inference, counter.get_total_flops()
+
+
+def _register_cpu_flash_attention_flops():
+    """torch's flop counter knows the GPU attention kernels; count the CPU flash kernel the same way."""
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_registry:
+        register_flop_formula(forward)(lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+    if backward not in flop_registry:
+        register_flop_formula(backward)(
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v)
+        )
+
+
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_minimum(functions: dict, device: str, repeats: int, warmup: int = 1) -> dict:
+    """The minimum time of each function over `repeats` rounds; each round runs every function once, in turn."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            timed(fn, device)
+    times = {name: math.inf for name in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            times[name] = min(times[name], timed(fn, device))
+    return times
+
+
+def matmul_rates(device: str, repeats: int, size: int) -> dict:
+    """This machine's sustained matmul rate (GFLOP/s) in float32 and bfloat16, square `size` matrices."""
+    operands = {
+        dtype: (torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype))
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    functions = {str(dtype).removeprefix("torch."): (lambda a=a, b=b: a @ b) for dtype, (a, b) in operands.items()}
+    times = interleaved_minimum(functions, device, repeats, warmup=2)
+    return {name: 2 * size**3 / t / 1e9 for name, t in times.items()}
+
+
+def _resident_kib(field: str) -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
+
+
+def _peak_memory_here(name: str, setup: Setup, device: str, dtype: str) -> float:
+    """MiB that one training step allocates above the state before it, measured in this process."""
+    runner = Runner(name, setup, device, dtype)
+    runner.train_step()  # optimizer state, lazily built caches and library workspaces now exist
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        runner.train_step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    baseline = _resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark (VmHWM)
+    runner.train_step()
+    return (_resident_kib("VmHWM") - baseline) / 2**10
+
+
+def _peak_memory_child(jobs: list) -> list[float]:
+    torch.set_num_threads(jobs[0][-1])
+    return [_peak_memory_here(name, setup, device, dtype) for name, setup, device, dtype, _ in jobs]
+
+
+def peak_memories(jobs: list[tuple], device: str) -> dict:
+    """Peak training-step memory (MiB) of each `(name, setup, dtype)`; on the CPU one fresh child process per model."""
+    jobs = list(dict.fromkeys(jobs))
+    if device == "cuda":
+        results = {}
+        for job in jobs:
+            results[job] = _peak_memory_here(*job[:2], device, job[2])
+            gc.collect()
+            torch.cuda.empty_cache()
+        return results
+    by_model = {}
+    for name, setup, dtype in jobs:
+        by_model.setdefault(name, []).append((name, setup, device, dtype, torch.get_num_threads()))
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # read by the children's allocator at start-up
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+            futures = {name: pool.submit(_peak_memory_child, model_jobs) for name, model_jobs in by_model.items()}
+            return {
+                (name, setup, dtype): peak
+                for name, model_jobs in by_model.items()
+                for (_, setup, _, dtype, _), peak in zip(model_jobs, futures[name].result())
+            }
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+
+
+def growth_exponent(sizes, values) -> float:
+    """Least-squares slope of log(value) against log(size)."""
+    xs, ys = [math.log(s) for s in sizes], [math.log(v) for v in values]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    return covariance / sum((x - mean_x) ** 2 for x in xs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scenarios
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+SCENARIO_MODELS = {
+    "A": ["ours", "ours (eager)", "ours (checkpointing)", "transformers", "perceiver-pytorch"],
+    "B": ["ours", "perceiver-pytorch"],
+    "C": ["ours", "transformers", "perceiver-pytorch"],
+}
+
+
+def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
+    """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
+    jobs = [(name, setups[s], dtype) for s in "AB" for dtype in ("float32", "bfloat16") for name in SCENARIO_MODELS[s]]
+    for image_size in image_sizes:
+        setup = dataclasses.replace(setups["C"], image_size=image_size)
+        jobs += [(name, setup, "float32") for name in SCENARIO_MODELS["C"]]
+    return jobs
+
+
+def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dict) -> list[dict]:
+    names = SCENARIO_MODELS["A"]
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        runners = {name: Runner(name, setup, device, dtype) for name in names}
+        flops = {name: runners[name].flops() for name in names}
+        inference = interleaved_minimum({n: r.infer for n, r in runners.items() if n != "ours (checkpointing)"}, device, repeats)
+        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+        del runners
+        gc.collect()
+        for name in names:
+            row = {"scenario": "A", "dtype": dtype, "model": name, "parameters": _parameters(name, setup)}
+            if name in inference:
+                row["inference_samples_per_s"] = setup.batch_size / inference[name]
+                row["inference_gflops_per_s"] = flops[name][0] / inference[name] / 1e9
+                row["inference_matmul_fraction"] = row["inference_gflops_per_s"] / rates[dtype]
+            row["train_samples_per_s"] = setup.batch_size / training[name]
+            row["train_gflops_per_s"] = flops[name][1] / training[name] / 1e9
+            row["train_matmul_fraction"] = row["train_gflops_per_s"] / rates[dtype]
+            row["train_peak_mib"] = memory[name, setup, dtype]
+            rows.append(row)
+        _add_ratios(rows[-len(names) :])
+    return rows
+
+
+def scenario_b(setup: Setup, device: str, repeats: int, memory: dict) -> list[dict]:
+    names = SCENARIO_MODELS["B"]
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        runners = {name: Runner(name, setup, device, dtype) for name in names}
+        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+        inference = interleaved_minimum({n: r.infer for n, r in runners.items()}, device, repeats)
+        del runners
+        gc.collect()
+        for name in names:
+            rows.append(
+                {
+                    "scenario": "B",
+                    "dtype": dtype,
+                    "model": name,
+                    "parameters": _parameters(name, setup),
+                    "inference_samples_per_s": setup.batch_size / inference[name],
+                    "train_samples_per_s": setup.batch_size / training[name],
+                    "train_peak_mib": memory[name, setup, dtype],
+                }
+            )
+        _add_ratios(rows[-len(names) :])
+    return rows
+
+
+def scenario_c(base: Setup, image_sizes: list[int], device: str, repeats: int, memory: dict) -> tuple[list[dict], dict]:
+    names = SCENARIO_MODELS["C"]
+    rows = []
+    for image_size in image_sizes:
+        setup = dataclasses.replace(base, image_size=image_size)
+        runners = {name: Runner(name, setup, device, "float32") for name in names}
+        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+        del runners
+        gc.collect()
+        for name in names:
+            rows.append(
+                {
+                    "scenario": "C",
+                    "dtype": "float32",
+                    "model": name,
+                    "input_elements": setup.num_elements,
+                    "train_step_s": training[name],
+                    "train_peak_mib": memory[name, setup, "float32"],
+                }
+            )
+    exponents = {}
+    for name in names:
+        own = [row for row in rows if row["model"] == name]
+        sizes = [row["input_elements"] for row in own]
+        exponents[name] = {
+            "time": growth_exponent(sizes, [row["train_step_s"] for row in own]),
+            "memory": growth_exponent(sizes, [row["train_peak_mib"] for row in own]),
+        }
+    return rows, exponents
+
+
+_PARAMETER_COUNTS = {}
+
+
+def _parameters(name: str, setup: Setup) -> int:
+    key = (name.split(" (")[0], setup)
+    if key not in _PARAMETER_COUNTS:
+        model, _ = BUILDERS[key[0]](setup)
+        _PARAMETER_COUNTS[key] = sum(p.numel() for p in model.parameters())
+    return _PARAMETER_COUNTS[key]
+
+
+def _add_ratios(rows: list[dict]):
+    """Each row's throughput over the faster peer's and peak memory over the leaner peer's."""
+    peers = [row for row in rows if row["model"] in PEERS]
+    for key, best in (("inference_samples_per_s", max), ("train_samples_per_s", max), ("train_peak_mib", min)):
+        values = [row[key] for row in peers if key in row]
+        for row in rows:
+            if values and key in row:
+                row[f"{key}_vs_best_peer"] = row[key] / best(values)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+COLUMNS = {
+    "scenario": ("", "{}"),
+    "dtype": ("dtype", "{}"),
+    "model": ("model", "{}"),
+    "parameters": ("params (M)", lambda v: f"{v / 1e6:.2f}"),
+    "input_elements": ("input elements", "{}"),
+    "inference_samples_per_s": ("infer samples/s", "{:.1f}"),
+    "inference_samples_per_s_vs_best_peer": ("x faster peer", "{:.2f}"),
+    "train_samples_per_s": ("train samples/s", "{:.2f}"),
+    "train_samples_per_s_vs_best_peer": ("x faster peer", "{:.2f}"),
+    "train_step_s": ("train step (s)", "{:.3f}"),
+    "train_peak_mib": ("train peak (MiB)", "{:.0f}"),
+    "train_peak_mib_vs_best_peer": ("x leaner peer", "{:.2f}"),
+    "inference_gflops_per_s": ("infer GFLOP/s", "{:.0f}"),
+    "inference_matmul_fraction": ("infer / matmul", "{:.0%}"),
+    "train_gflops_per_s": ("train GFLOP/s", "{:.0f}"),
+    "train_matmul_fraction": ("train / matmul", "{:.0%}"),
+}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = [key for key in COLUMNS if any(key in row for row in rows)]
+    lines = ["| " + " | ".join(COLUMNS[key][0] for key in keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = []
+        for key in keys:
+            fmt = COLUMNS[key][1]
+            cells.append("" if key not in row else (fmt(row[key]) if callable(fmt) else fmt.format(row[key])))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results: dict) -> str:
+    environment = results["environment"]
+    rates = results["matmul_gflops_per_s"]
+    parts = [
+        f"Command: `{environment['command']}`",
+        f"Device: {environment['device_name']}, {environment['threads']} threads, torch {environment['torch']}, "
+        f"transformers {environment['transformers']}; {environment['date']}",
+        f"Matmul rate: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s",
+    ]
+    for scenario, title in (
+        ("A", "Scenario A: one cross-attend, {self_attends} latent self-attention layers"),
+        ("B", "Scenario B: {cross_attends} cross-attends, block 1 repeated with shared weights"),
+        ("C", "Scenario C: growth with input size (float32 training step, batch {batch_size})"),
+    ):
+        setup = results["setups"][scenario]
+        parts.append(f"\n### {title.format(**setup)}\n\nSetup: `{setup}`\n")
+        parts.append(markdown_table([row for row in results["rows"] if row["scenario"] == scenario]))
+    parts.append("\nScenario C fitted growth exponents (time, memory) from the smallest to the largest input:\n")
+    for name, exponent in results["growth_exponents"].items():
+        parts.append(f"- {name}: time {exponent['time']:.2f}, memory {exponent['memory']:.2f}")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per measurement (default 5, quick 1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="scenario A and B batch (default 8)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent.parent / "benchmarks")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        _register_cpu_flash_attention_flops()
+    elif not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    if args.quick:
+        base = Setup(image_size=16, batch_size=2, num_latents=32, dim=64, num_bands=8, self_attends=2)
+        image_sizes, repeats = [16, 32], args.repeats or 1
+    else:
+        base = Setup()
+        image_sizes, repeats = [37, 52, 74, 105, 148], args.repeats or 5  # 4.1k to 65.7k input elements
+    if args.batch_size:
+        base = dataclasses.replace(base, batch_size=args.batch_size)
+    setups = {
+        "A": base,
+        "B": dataclasses.replace(base, cross_attends=4),
+        "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
+    }
+
+    rates = matmul_rates(args.device, repeats=max(repeats, 3), size=256 if args.quick else 2048)
+    print(f"matmul GFLOP/s: {rates}", flush=True)
+    memory = peak_memories(memory_jobs(setups, image_sizes), args.device)
+    rows = scenario_a(setups["A"], args.device, repeats, rates, memory)
+    print(markdown_table(rows), flush=True)
+    rows_b = scenario_b(setups["B"], args.device, max(repeats - 2, 1), memory)
+    print(markdown_table(rows_b), flush=True)
+    rows_c, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
+    print(markdown_table(rows_c), flush=True)
+
+    import transformers
+
+    results = {
+        "environment": {
+            "command": " ".join(["python", "scripts/benchmark.py", *sys.argv[1:]]),
+            "device": args.device,
+            "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "CPU",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
+        "setups": {name: dataclasses.asdict(setup) for name, setup in setups.items()},
+        "matmul_gflops_per_s": rates,
+        "rows": rows + rows_b + rows_c,
+        "growth_exponents": exponents,
+    }
+    text = report(results)
+    print("\n" + text)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.output_dir / f"benchmark-{args.device}{'-quick' if args.quick else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(text)
+    print(f"wrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""PerceiverLiteConfig: the seed README's usage, defaults, aliases, round-trips and validation."""
+
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from perceiver_lite import PerceiverLiteConfig, PerceiverLiteModel
+from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer
+
+
+# The seed README's usage example, verbatim but for `Perceiver(` -> `PerceiverLiteConfig(`.
+def seed_readme_config():
+    return PerceiverLiteConfig(
+        data_shape=[1, 224, 224],                 # Channel Major, ex: image -> [C H W]
+        cross_heads=1,                            # Number of heads for the cross attention block
+        num_latent_tokens=1024,                   # Latent array: [num_latent_tokens, dim]
+        dim=512,                                  #
+        heads=16,                                 # Number of heads for latent transformers
+        layers_indice=[0] + [1]*7,                # a list of indice for indicating which layer go next. Ex: [0, 0, 0, 1, 1, 1, 2, 2, 2] means 3 unique layers and each of them iterates 3 times.
+        num_latent_transformers_in_layers=[6]*2,  # Number of latent transformers in one layer, its length should be as same as the number of unique layers.
+        num_bands=64,                             # Number of bands for Fourier features
+        resolution=224,                           # max_resolution = resolution / 2
+        frequency_base=2,                         # Frequency base for Fourier features
+        pre_norm=True,
+        ff_dim=None,
+        ff_dim_scale=4,
+        ff_dropout=0.0,
+        attention_dropout=0.0,
+        cross_kv_dim=None,
+        head_dim=None
+    )  # fmt: skip
+
+
+SEED_VALUES = dict(
+    data_shape=[1, 224, 224],
+    cross_heads=1,
+    num_latent_tokens=1024,
+    dim=512,
+    heads=16,
+    layers_indice=[0, 1, 1, 1, 1, 1, 1, 1],
+    num_latent_transformers_in_layers=[6, 6],
+    num_bands=64,
+    resolution=224,
+    frequency_base=2,
+    pre_norm=True,
+    ff_dim=None,
+    ff_dim_scale=4,
+    ff_dropout=0.0,
+    attention_dropout=0.0,
+    head_dim=None,
+)
+
+
+def test_seed_readme_usage_builds_unchanged():
+    config = seed_readme_config()
+    for name, value in SEED_VALUES.items():
+        assert getattr(config, name) == value, name
+    assert config.cross_kv_dim == 1 + 2 * (2 * 64 + 1)  # C + axes x (2 x num_bands + 1)
+    assert config.model_type == "perceiver_lite"
+
+
+def test_seed_readme_model_structure():
+    """8 cross-attends (block 0 once, block 1 seven times with shared weights), 6 latent self-attention layers after
+    each, over 1024 latents of width 512. Built on the meta device: structure only, no 44M-parameter initialisation."""
+    with torch.device("meta"):
+        model = PerceiverLiteModel(seed_readme_config())
+
+    assert tuple(model.latents.shape) == (1024, 512)
+    assert len(model.blocks) == 2
+    steps = [model.blocks[i] for i in model.config.layers_indice]
+    assert len(steps) == 8
+    assert steps[0] is model.blocks[0] and all(step is model.blocks[1] for step in steps[1:])
+    for block in model.blocks:
+        assert len(block.layers) == 6
+        assert all(layer.self_attention is not None and layer.cross_attention is None for layer in block.layers)
+        cross = block.cross_layer.cross_attention
+        assert (cross.num_heads, cross.head_dim) == (1, 512)
+        assert cross.k_proj.in_features == 259 and cross.q_proj.in_features == 512
+        self_attention = block.layers[0].self_attention
+        assert (self_attention.num_heads, self_attention.head_dim) == (16, 32)
+        assert block.layers[0].mlp.fc1.out_features == 4 * 512
+    # 8 cross-attends and 8 x 6 self-attention layers run, from 2 + 12 distinct layer modules
+    assert sum(1 + len(step.layers) for step in steps) == 8 + 48
+    assert sum(isinstance(module, PerceiverLiteLayer) for module in model.modules()) == 14
+
+
+def test_seed_readme_structure_runs_at_small_size():
+    """The seed's block structure (`[0] + [1] * 7`, six self-attention layers each) at a small width and input: every
+    cross-attend and self-attention layer runs."""
+    small = dict(data_shape=[1, 16, 16], num_latent_tokens=8, dim=32, heads=4)
+    config = PerceiverLiteConfig(**{**SEED_VALUES, **small})
+    model = PerceiverLiteModel._from_config(config, attn_implementation="eager").eval()
+    outputs = model(torch.randn(2, 1, 16, 16), output_attentions=True, output_hidden_states=True)
+    assert len(outputs.cross_attentions) == 8
+    assert len(outputs.attentions) == 48
+    assert len(outputs.hidden_states) == 1 + 8 + 48
+    assert outputs.last_hidden_state.shape == (2, 8, 32)
+
+
+def test_defaults_are_the_seed_usage_values():
+    assert PerceiverLiteConfig().to_dict() == seed_readme_config().to_dict()
+    config = PerceiverLiteConfig()
+    others = dict(vocab_size=262, hidden_act="gelu", layer_norm_eps=1e-5, initializer_range=0.02, cross_kv_dim=259)
+    assert {name: getattr(config, name) for name in others} == others
+
+
+def test_hidden_size_and_num_attention_heads_aliases():
+    config = PerceiverLiteConfig(dim=64, heads=8)
+    assert (config.hidden_size, config.num_attention_heads) == (64, 8)
+    config = PerceiverLiteConfig(hidden_size=96, num_attention_heads=12)
+    assert (config.dim, config.heads) == (96, 12)
+    config.hidden_size = 48
+    assert config.dim == 48
+
+
+NON_DEFAULT = dict(
+    data_shape=[2, 16, 12, 10],
+    cross_heads=2,
+    num_latent_tokens=5,
+    dim=24,
+    heads=3,
+    layers_indice=[1, 0, 2, 2],
+    num_latent_transformers_in_layers=[0, 2, 1],
+    num_bands=3,
+    resolution=[16, 12, 10],
+    frequency_base=None,
+    pre_norm=False,
+    ff_dim=40,
+    ff_dropout=0.25,
+    attention_dropout=0.5,
+    head_dim=7,
+    hidden_act="relu",
+    num_labels=4,
+    problem_type="multi_label_classification",
+)
+
+
+def test_round_trip_to_dict():
+    config = PerceiverLiteConfig(**NON_DEFAULT)
+    restored = PerceiverLiteConfig.from_dict(config.to_dict())
+    assert restored.to_dict() == config.to_dict()
+    for name, value in NON_DEFAULT.items():
+        assert getattr(restored, name) == value, name
+    assert restored.cross_kv_dim == 2 + 3 * 7
+
+
+def without_name_or_path(config):
+    """`to_dict()` without `_name_or_path`, which `from_pretrained` sets to the folder it loaded from."""
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+
+
+def test_round_trip_save_pretrained(tmp_path):
+    config = PerceiverLiteConfig(**NON_DEFAULT)
+    config.save_pretrained(tmp_path)
+    for restored in (PerceiverLiteConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert type(restored) is PerceiverLiteConfig
+        assert without_name_or_path(restored) == without_name_or_path(config)
+        assert restored.resolution == [16, 12, 10] and restored.frequency_base is None
+
+
+def test_tuples_are_stored_as_lists():
+    config = PerceiverLiteConfig(data_shape=(3, 8), layers_indice=(0,), num_latent_transformers_in_layers=(1,),
+                                 resolution=(8,), num_bands=2, dim=32, heads=4)  # fmt: skip
+    assert config.data_shape == [3, 8] and config.layers_indice == [0] and config.resolution == [8]
+    assert PerceiverLiteConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+INVALID = [
+    (dict(layers_indice=[0, 2]), "layers_indice", "does not define"),
+    (dict(layers_indice=[0, -1]), "layers_indice", "does not define"),
+    (dict(layers_indice=[0, 0]), "layers_indice", "unused"),
+    (dict(layers_indice=[]), "layers_indice", "at least one"),
+    (dict(num_latent_transformers_in_layers=[]), "num_latent_transformers_in_layers", "non-empty"),
+    (dict(num_latent_transformers_in_layers=[6, -1]), "num_latent_transformers_in_layers", ">= 0"),
+    (dict(dim=500), "dim", "divisible by `heads`"),
+    (dict(cross_heads=3), "dim", "divisible by `cross_heads`"),
+    (dict(cross_kv_dim=258), "cross_kv_dim", "disagrees with data_shape"),
+    (dict(data_shape=[3, 224, 224], cross_kv_dim=259), "cross_kv_dim", "disagrees"),
+    (dict(num_bands=32, cross_kv_dim=259), "cross_kv_dim", "disagrees"),
+    (dict(dim=0), "dim", "positive"),
+    (dict(heads=-4), "heads", "positive"),
+    (dict(cross_heads=0), "cross_heads", "positive"),
+    (dict(num_latent_tokens=0), "num_latent_tokens", "positive"),
+    (dict(num_bands=0), "num_bands", "positive"),
+    (dict(ff_dim=0), "ff_dim", "positive"),
+    (dict(ff_dim_scale=0), "ff_dim_scale", "positive"),
+    (dict(head_dim=-1), "head_dim", "positive"),
+    (dict(cross_kv_dim=0), "cross_kv_dim", "positive"),
+    (dict(vocab_size=0), "vocab_size", "positive"),
+    (dict(num_latent_tokens=2.5), "num_latent_tokens", "positive integer"),
+    (dict(dim=512.0), "dim", "positive integer"),
+    (dict(heads=True), "heads", "positive integer"),
+    (dict(num_bands=2.5), "num_bands", "positive integer"),
+    (dict(ff_dim="64"), "ff_dim", "positive integer"),
+    (dict(ff_dim_scale=-1.5), "ff_dim_scale", "positive number"),
+    (dict(data_shape=[1, 0, 224]), "data_shape", "positive"),
+    (dict(data_shape=[3]), "data_shape", "at least one axis"),
+    (dict(resolution=0), "resolution", "positive"),
+    (dict(resolution=[224, -2]), "resolution", "positive"),
+    (dict(ff_dropout=1.0), "ff_dropout", r"\[0, 1\)"),
+    (dict(ff_dropout=-0.1), "ff_dropout", r"\[0, 1\)"),
+    (dict(attention_dropout=1.5), "attention_dropout", r"\[0, 1\)"),
+    (dict(attention_dropout=-0.01), "attention_dropout", r"\[0, 1\)"),
+    (dict(resolution=[224]), "resolution", "one value per spatial axis"),
+    (dict(resolution=[224, 224, 224]), "resolution", "one value per spatial axis"),
+    (dict(frequency_base=113), "frequency_base", "resolution / 2"),
+    (dict(resolution=[224, 8], frequency_base=5), "frequency_base", "resolution / 2"),
+    (dict(frequency_base=0), "frequency_base", "resolution / 2"),
+    (dict(layer_norm_eps=0), "layer_norm_eps", "positive"),
+    (dict(initializer_range=-0.02), "initializer_range", ">= 0"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "reason"), INVALID, ids=[f"{f}-{k}" for k, f, _ in INVALID])
+def test_invalid_config_raises_naming_the_field(kwargs, field, reason):
+    with pytest.raises(ValueError, match=rf"`{re.escape(field)}`.*{reason}"):
+        PerceiverLiteConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(dim=500, heads=10, cross_heads=4, head_dim=50),  # head_dim given: dim need not divide
+        dict(cross_kv_dim=259),  # agrees with data_shape and num_bands
+        dict(frequency_base=112),  # exactly Nyquist
+        dict(resolution=[224, 64], frequency_base=None),
+        dict(num_latent_transformers_in_layers=[0, 3]),  # a block of only its cross-attend
+        dict(ff_dropout=0.0, attention_dropout=0.999),
+        dict(ff_dim_scale=2.5),  # a float expansion factor
+    ],
+)
+def test_valid_edge_configs(kwargs):
+    config = PerceiverLiteConfig(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(config, name) == value

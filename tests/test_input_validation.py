@@ -1,0 +1,360 @@
+"""Bad input never reaches the model: every public forward raises a `ValueError` (a `TypeError` for a wrong type or
+dtype) that names the argument, what was expected and what came, before any submodule runs."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import PerceiverLiteModelTester
+
+from perceiver_lite import (
+    PerceiverLayer,
+    PerceiverLiteForAudioClassification,
+    PerceiverLiteForImageClassification,
+    PerceiverLiteForSequenceClassification,
+    PerceiverLiteModel,
+)
+
+
+IMAGE = PerceiverLiteModelTester(data_shape=(3, 8, 8))  # 2-D: inputs (3, 3, 8, 8)
+TEXT = PerceiverLiteModelTester(data_shape=(4, 12))  # 1-D token embedding of 4 channels
+AUDIO = PerceiverLiteModelTester(data_shape=(1, 12))  # 1-D mono signal
+BATCH = 3
+LAYER_DIM = 32
+
+
+def build(kind: str, **config_overrides):
+    """A tiny model of `kind` in eval mode."""
+    if kind == "layer":
+        return PerceiverLayer(dim=LAYER_DIM, heads=2, depth=2, dim_head=16).eval()
+    tester, model_class = {
+        "base": (IMAGE, PerceiverLiteModel),
+        "image": (IMAGE, PerceiverLiteForImageClassification),
+        "text": (TEXT, PerceiverLiteForSequenceClassification),
+        "audio": (AUDIO, PerceiverLiteForAudioClassification),
+    }[kind]
+    return model_class(tester.get_config(**config_overrides)).eval()
+
+
+def pixels(*shape):
+    return torch.randn(*shape) if shape else torch.randn(BATCH, 3, 8, 8)
+
+
+def token_ids(*shape):
+    return torch.randint(0, 262, shape or (BATCH, 10))
+
+
+def signal(*shape):
+    return torch.randn(*shape) if shape else torch.randn(BATCH, 20)
+
+
+def qkv(q=(2, 4, LAYER_DIM), k=(2, 5, LAYER_DIM), v=(2, 5, LAYER_DIM)):
+    return torch.randn(*q), torch.randn(*k), torch.randn(*v)
+
+
+def embeds(*shape):
+    return torch.randn(*shape) if shape else torch.randn(BATCH, 5, 21)  # cross_kv_dim 21 = 3 + 2 x (2 x 4 + 1)
+
+
+def with_value(tensor, value):
+    tensor = tensor.clone()
+    tensor.view(-1)[1] = value
+    return tensor
+
+
+def additive_mask():
+    """A float mask in the additive convention (0 = attend, -inf = padding): the opposite of ours, so rejected."""
+    return torch.zeros(BATCH, 64).masked_fill(torch.rand(BATCH, 64) > 0.5, float("-inf"))
+
+
+def valid(id, kind, make_kwargs, **config_overrides):
+    """A model kind, its config overrides and a function returning the forward's keyword arguments."""
+    return pytest.param(kind, config_overrides, make_kwargs, id=id)
+
+
+def case(id, kind, make_kwargs, error, *fragments, **config_overrides):
+    """As `valid`, plus the error type and the fragments its message must contain (argument name, shapes)."""
+    return pytest.param(kind, config_overrides, make_kwargs, error, fragments, id=id)
+
+
+VALID = [
+    valid("base", "base", lambda: dict(inputs=pixels(), attention_mask=torch.ones(BATCH, 64))),
+    valid("image", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0, 1, 2]))),
+    valid(
+        "text",
+        "text",
+        lambda: dict(input_ids=token_ids(), attention_mask=torch.ones(BATCH, 10), labels=torch.tensor([2, 0, -100])),
+    ),
+    valid("audio", "audio", lambda: dict(input_values=signal(), attention_mask=torch.ones(BATCH, 20).bool())),
+    valid("audio_channels", "audio", lambda: dict(input_values=signal(BATCH, 1, 20))),
+    valid("layer", "layer", lambda: dict(zip("qkv", qkv()), mask=torch.ones(2, 5))),
+    valid(
+        "multi_label",
+        "image",
+        lambda: dict(pixel_values=pixels(), labels=torch.ones(BATCH, 3)),
+        problem_type="multi_label_classification",
+    ),
+    valid("regression", "image", lambda: dict(pixel_values=pixels(), labels=torch.randn(BATCH)), num_labels=1),
+]
+
+INVALID = [
+    # wrong rank / number of spatial axes
+    case(
+        "base_rank", "base", lambda: dict(inputs=pixels(BATCH, 3, 8)),
+        ValueError, "`inputs`", "[3, 3, 8]", "data_shape [3, 8, 8]", "4 dimensions",
+    ),
+    case(
+        "image_extra_axis", "image", lambda: dict(pixel_values=pixels(BATCH, 3, 2, 8, 8)),
+        ValueError, "`pixel_values`", "[3, 3, 2, 8, 8]", "data_shape [3, 8, 8]",
+    ),
+    case(
+        "audio_rank1", "audio", lambda: dict(input_values=signal(20)),
+        ValueError, "`input_values`", "[20]", "data_shape [1, 12]",
+    ),
+    case(
+        "audio_2d_signal", "audio", lambda: dict(input_values=signal(BATCH, 1, 4, 5)),
+        ValueError, "`input_values`", "[3, 1, 4, 5]",
+    ),
+    case("text_rank", "text", lambda: dict(input_ids=token_ids(10)), ValueError, "`input_ids`", "[B, T]", "[10]"),
+    case(
+        "layer_q_rank", "layer", lambda: dict(zip("qkv", qkv(q=(4, LAYER_DIM)))),
+        ValueError, "`q`", "[B, Lq, 32]", "[4, 32]",
+    ),
+    # wrong channel count / width / batch
+    case(
+        "base_channels", "base", lambda: dict(inputs=pixels(BATCH, 2, 8, 8)),
+        ValueError, "`inputs`", "C=3", "[3, 2, 8, 8]", "channel",
+    ),
+    case(
+        "image_channels", "image", lambda: dict(pixel_values=pixels(BATCH, 1, 8, 8)),
+        ValueError, "`pixel_values`", "C=3", "[3, 1, 8, 8]",
+    ),
+    case(
+        "audio_channels", "audio", lambda: dict(input_values=signal(BATCH, 2, 20)),
+        ValueError, "`input_values`", "C=1", "[3, 2, 20]",
+    ),
+    case(
+        "embeds_width", "base", lambda: dict(inputs_embeds=embeds(BATCH, 5, 22)),
+        ValueError, "`inputs_embeds`", "cross_kv_dim=21", "[3, 5, 22]",
+    ),
+    case(
+        "layer_k_width", "layer", lambda: dict(zip("qkv", qkv(k=(2, 5, 16)))),
+        ValueError, "`k`", "[2, Lk, 32]", "[2, 5, 16]",
+    ),
+    case(
+        "layer_v_batch", "layer", lambda: dict(zip("qkv", qkv(v=(1, 5, LAYER_DIM)))),
+        ValueError, "`v`", "[2, Lv, 32]", "[1, 5, 32]",
+    ),
+    # exactly one input
+    case("base_no_input", "base", lambda: dict(), ValueError, "`inputs`", "`inputs_embeds`"),
+    case(
+        "base_two_inputs", "base", lambda: dict(inputs=pixels(), inputs_embeds=embeds(BATCH, 64, 21)),
+        ValueError, "exactly one", "`inputs_embeds`",
+    ),
+    case("image_none", "image", lambda: dict(pixel_values=None), ValueError, "`pixel_values`"),
+    # attention masks
+    case(
+        "base_mask_shape", "base", lambda: dict(inputs=pixels(), attention_mask=torch.ones(BATCH, 7, 8)),
+        ValueError, "`attention_mask`", "[3, 8, 8] or [3, 64]", "[3, 7, 8]",
+    ),
+    case(
+        "image_mask_batch", "image", lambda: dict(pixel_values=pixels(), attention_mask=torch.ones(2, 64)),
+        ValueError, "`attention_mask`", "[3, 64]", "[2, 64]",
+    ),
+    case(
+        "text_mask_length", "text", lambda: dict(input_ids=token_ids(), attention_mask=torch.ones(BATCH, 9)),
+        ValueError, "`attention_mask`", "[3, 10]", "[3, 9]",
+    ),
+    case(
+        "audio_mask_length", "audio", lambda: dict(input_values=signal(), attention_mask=torch.ones(BATCH, 19)),
+        ValueError, "`attention_mask`", "[3, 20]", "[3, 19]",
+    ),
+    case(
+        "embeds_mask", "base", lambda: dict(inputs_embeds=embeds(), attention_mask=torch.ones(BATCH, 4)),
+        ValueError, "`attention_mask`", "[3, 5]", "[3, 4]",
+    ),
+    case(
+        "layer_mask", "layer", lambda: dict(zip("qkv", qkv()), mask=torch.ones(2, 3)),
+        ValueError, "`mask`", "[2, 10]", "[2, 4, 5]", "[2, 3]",
+    ),
+    case(
+        "layer_mask_unequal_kv", "layer", lambda: dict(zip("qkv", qkv(v=(2, 6, LAYER_DIM))), mask=torch.ones(2, 5)),
+        ValueError, "`mask`", "[2, 11]", "[2, 5]",
+    ),
+    case(
+        "additive_mask", "base", lambda: dict(inputs=pixels(), attention_mask=additive_mask()),
+        ValueError, "`attention_mask`", "1 (attend) or 0",
+    ),
+    case(
+        "mask_not_tensor", "image", lambda: dict(pixel_values=pixels(), attention_mask=[[1] * 64] * BATCH),
+        TypeError, "`attention_mask`", "torch.Tensor", "list",
+    ),
+    # empty batch or zero-length axis
+    case(
+        "base_empty_batch", "base", lambda: dict(inputs=pixels(0, 3, 8, 8)),
+        ValueError, "`inputs`", "empty", "[0, 3, 8, 8]",
+    ),
+    case(
+        "image_empty_axis", "image", lambda: dict(pixel_values=pixels(BATCH, 3, 8, 0)),
+        ValueError, "`pixel_values`", "empty", "[3, 3, 8, 0]",
+    ),
+    case(
+        "text_empty", "text", lambda: dict(input_ids=token_ids(BATCH, 0)),
+        ValueError, "`input_ids`", "empty", "[3, 0]",
+    ),
+    case(
+        "audio_empty", "audio", lambda: dict(input_values=signal(0, 20)),
+        ValueError, "`input_values`", "empty", "[0, 1, 20]",
+    ),
+    case(
+        "layer_empty", "layer", lambda: dict(zip("qkv", qkv(k=(2, 0, LAYER_DIM)))),
+        ValueError, "`k`", "empty", "[2, 0, 32]",
+    ),
+    # wrong dtypes and types
+    case(
+        "image_uint8", "image", lambda: dict(pixel_values=torch.randint(0, 256, (BATCH, 3, 8, 8), dtype=torch.uint8)),
+        TypeError, "`pixel_values`", "floating", "torch.uint8",
+    ),
+    case(
+        "base_int", "base", lambda: dict(inputs=torch.randint(0, 9, (BATCH, 3, 8, 8))),
+        TypeError, "`inputs`", "floating", "torch.int64",
+    ),
+    case(
+        "audio_int16", "audio", lambda: dict(input_values=torch.randint(-99, 99, (BATCH, 20), dtype=torch.int16)),
+        TypeError, "`input_values`", "floating", "torch.int16",
+    ),
+    case(
+        "text_float_ids", "text", lambda: dict(input_ids=token_ids().float()),
+        TypeError, "`input_ids`", "integer", "torch.float32",
+    ),
+    case(
+        "layer_int", "layer", lambda: dict(q=torch.ones(2, 4, LAYER_DIM, dtype=torch.long), k=qkv()[1], v=qkv()[2]),
+        TypeError, "`q`", "floating", "torch.int64",
+    ),
+    case(
+        "image_numpy", "image", lambda: dict(pixel_values=pixels().numpy()),
+        TypeError, "`pixel_values`", "torch.Tensor", "ndarray",
+    ),
+    # vocabulary
+    case(
+        "ids_above_vocab", "text", lambda: dict(input_ids=with_value(token_ids(), 262)),
+        ValueError, "`input_ids`", "vocab_size=262", "262]",
+    ),
+    case(
+        "ids_negative", "text", lambda: dict(input_ids=with_value(token_ids(), -1)),
+        ValueError, "`input_ids`", "vocab_size=262", "[-1,",
+    ),
+    # NaN and Inf
+    case(
+        "image_nan", "image", lambda: dict(pixel_values=with_value(pixels(), float("nan"))),
+        ValueError, "`pixel_values`", "NaN or Inf",
+    ),
+    case(
+        "base_inf", "base", lambda: dict(inputs=with_value(pixels(), float("inf"))),
+        ValueError, "`inputs`", "NaN or Inf",
+    ),
+    case(
+        "audio_neg_inf", "audio", lambda: dict(input_values=with_value(signal(), float("-inf"))),
+        ValueError, "`input_values`", "NaN or Inf",
+    ),
+    case(
+        "embeds_nan", "base", lambda: dict(inputs_embeds=with_value(embeds(), float("nan"))),
+        ValueError, "`inputs_embeds`", "NaN or Inf",
+    ),
+    case(
+        "layer_v_nan", "layer", lambda: dict(q=qkv()[0], k=qkv()[1], v=with_value(qkv()[2], float("nan"))),
+        ValueError, "`v`", "NaN or Inf",
+    ),
+    # labels
+    case(
+        "label_out_of_range", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0, 1, 5])),
+        ValueError, "`labels`", "[0, 2]", "[5]",
+    ),
+    case(
+        "label_negative", "text", lambda: dict(input_ids=token_ids(), labels=torch.tensor([0, -3, 1])),
+        ValueError, "`labels`", "[0, 2]", "[-3]",
+    ),
+    case(
+        "label_batch", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0, 1])),
+        ValueError, "`labels`", "[3]", "[2]",
+    ),
+    case(
+        "label_rank", "audio", lambda: dict(input_values=signal(), labels=torch.zeros(BATCH, 2, dtype=torch.long)),
+        ValueError, "`labels`", "[3]", "[3, 2]",
+    ),
+    case(
+        "label_int32", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0, 1, 2], dtype=torch.int32)),
+        TypeError, "`labels`", "torch.long", "torch.int32",
+    ),
+    case(
+        "label_float_single", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0.0, 1.0, 2.0])),
+        TypeError, "`labels`", "torch.long", "torch.float32", problem_type='single_label_classification',
+    ),
+    case(
+        "label_list", "image", lambda: dict(pixel_values=pixels(), labels=[0, 1, 2]),
+        TypeError, "`labels`", "torch.Tensor", "list",
+    ),
+    case(
+        "multi_label_shape", "image", lambda: dict(pixel_values=pixels(), labels=torch.ones(BATCH, 2)),
+        ValueError, "`labels`", "[3, 3]", "[3, 2]", problem_type="multi_label_classification",
+    ),
+    case(
+        "multi_label_int", "image", lambda: dict(pixel_values=pixels(), labels=torch.ones(BATCH, 3, dtype=torch.long)),
+        TypeError, "`labels`", "floating", "torch.int64", problem_type="multi_label_classification",
+    ),
+    case(
+        "inferred_multi_label", "image", lambda: dict(pixel_values=pixels(), labels=torch.ones(BATCH)),
+        ValueError, "`labels`", "[3, 3]", "[3]",
+    ),
+    case(
+        "regression_shape", "image", lambda: dict(pixel_values=pixels(), labels=torch.randn(BATCH, 2)),
+        ValueError, "`labels`", "[3, 1] or [3]", "[3, 2]", num_labels=1,
+    ),
+    case(
+        "regression_nan", "audio", lambda: dict(input_values=signal(), labels=with_value(signal(BATCH), float("nan"))),
+        ValueError, "`labels`", "NaN or Inf", num_labels=1,
+    ),
+]
+
+
+def count_submodule_calls(model: torch.nn.Module) -> list[str]:
+    """Names of the submodules that run, as they run (an embedding lookup is a gather, not compute, and is left out)."""
+    calls = []
+    for name, module in model.named_modules():
+        if name and not isinstance(module, torch.nn.Embedding):
+            module.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
+    return calls
+
+
+@pytest.mark.parametrize("kind, overrides, make_kwargs", VALID)
+def test_valid_inputs_run(kind, overrides, make_kwargs):
+    """The valid counterparts of the cases below run: each error comes from the one defect a case introduces."""
+    model = build(kind, **overrides)
+    calls = count_submodule_calls(model)
+    with torch.no_grad():
+        output = model(**make_kwargs())
+    assert calls, "the hook must see the submodules run"
+    tensor = output if isinstance(output, torch.Tensor) else output[0]
+    assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("kind, overrides, make_kwargs, error, fragments", INVALID)
+def test_invalid_input_raises_clear_error_before_compute(kind, overrides, make_kwargs, error, fragments):
+    model = build(kind, **overrides)
+    calls = count_submodule_calls(model)
+    with pytest.raises(Exception) as excinfo:
+        model(**make_kwargs())
+    assert type(excinfo.value) is error, f"{type(excinfo.value).__name__}: {excinfo.value}"
+    message = str(excinfo.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert calls == [], f"submodules ran before the error: {calls}"
+
+
+def test_numpy_and_python_inputs_name_their_type():
+    """A message names the argument even for an input that has no shape at all."""
+    with pytest.raises(TypeError, match=re.escape("`input_ids` must be a torch.Tensor")):
+        build("text")(input_ids=np.zeros((BATCH, 10), dtype=np.int64))
+    with pytest.raises(TypeError, match=r"`k` must be a torch\.Tensor.*got list"):
+        build("layer")(q=qkv()[0], k=[[0.0]], v=qkv()[2])
