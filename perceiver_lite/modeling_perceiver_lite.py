@@ -153,6 +153,13 @@ class PerceiverLiteEmbeddings(nn.Module):
         self.position_features = PerceiverLiteFourierFeatures(config)
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        data, positions, attention_mask = self.split(inputs, attention_mask)
+        positions = positions.expand(data.shape[0], *positions.shape[-2:])  # (B, M, F)
+        return torch.cat([data, positions], dim=-1), attention_mask  # (B, M, C + F)
+
+    def split(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """The two parts of `forward`'s output, not concatenated: the data `(B, M, C)` (a view of `inputs`), the position
+        features `(M, F)` shared by the batch (or `(B, M, F)` for a padded batch) and the flattened mask `(B, M)`."""
         batch_size, spatial_shape = inputs.shape[0], inputs.shape[2:]
         data = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
         extents = None
@@ -161,8 +168,7 @@ class PerceiverLiteEmbeddings(nn.Module):
             if not attention_mask.all():
                 extents = _valid_extents(attention_mask.view(batch_size, *spatial_shape))
         positions = self.position_features(spatial_shape, extents, device=inputs.device, dtype=inputs.dtype)
-        positions = positions.expand(batch_size, *positions.shape[-2:])  # (B, M, F)
-        return torch.cat([data, positions], dim=-1), attention_mask  # (B, M, C + F)
+        return data, positions, attention_mask
 
 
 def _valid_extents(mask: torch.Tensor) -> torch.Tensor:
@@ -181,6 +187,19 @@ def _valid_extents(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def attention_probabilities(scaled_query, key, attention_mask) -> torch.Tensor:
+    """Softmax attention weights `(..., Lq, Lk)` for queries `(..., Lq, D)`, already scaled, and keys `(..., Lk, D)`, in
+    their dtype. Safe in half precision: scaling the queries first keeps the product in float16's range, and torch's
+    softmax subtracts the row maximum and accumulates half precision in float32."""
+    attn_weights = torch.matmul(scaled_query, key.transpose(-1, -2))  # (..., Lq, Lk)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+        else:
+            attn_weights = attn_weights + attention_mask
+    return attn_weights.softmax(dim=-1)
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -191,16 +210,100 @@ def eager_attention_forward(
     dropout: float = 0.0,
     **kwargs,
 ):
-    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Lq, Lk)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
-        else:
-            attn_weights = attn_weights + attention_mask
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = attention_probabilities(query * scaling, key, attention_mask)  # (B, H, Lq, Lk)
     attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, Lq, H, D)
     return attn_output, attn_weights
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """Softmax attention through plain batched matmuls that keeps nothing of size `(Lq, Lk)` for the backward pass: it
+    saves the queries, keys and values and recomputes the probabilities there, one batch element at a time, so its
+    transient memory is one element's `(H, Lq, Lk)`. On the CPU in half precision this is several times faster than
+    torch's fused attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's
+    blocks do not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay in
+    the inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scaling):
+        query = query * scaling
+        ctx.save_for_backward(query, key, value, attention_mask)
+        output = query.new_empty(*query.shape[:-1], value.shape[-1])  # (B, H, Lq, Dv)
+        for index, mask in enumerate(_per_element(attention_mask, query.shape[0])):
+            torch.matmul(attention_probabilities(query[index], key[index], mask), value[index], out=output[index])
+        ctx.scaling = scaling
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query, key, value, attention_mask = ctx.saved_tensors
+        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for index, mask in enumerate(_per_element(attention_mask, query.shape[0])):
+            probs = attention_probabilities(query[index], key[index], mask)  # (H, Lq, Lk)
+            grad = grad_output[index]  # (H, Lq, Dv)
+            torch.matmul(probs.transpose(-1, -2), grad, out=grad_value[index])
+            grad_probs = torch.matmul(grad, value[index].transpose(-1, -2))  # (H, Lq, Lk)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            torch.matmul(grad_scores, key[index], out=grad_query[index])
+            torch.matmul(grad_scores.transpose(-1, -2), query[index], out=grad_key[index])
+        return grad_query.mul_(ctx.scaling), grad_key, grad_value, None, None
+
+
+def _per_element(attention_mask, batch_size):
+    return [None] * batch_size if attention_mask is None else attention_mask.expand(batch_size, *attention_mask.shape[1:])
+
+
+def recomputed_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The attention interface's signature for `RecomputedAttention` (no dropout)."""
+    attn_output = RecomputedAttention.apply(query, key, value, attention_mask, scaling)
+    return attn_output.transpose(1, 2).contiguous(), None  # (B, Lq, H, D)
+
+
+def norm_and_project_concatenation(
+    data: torch.Tensor, positions: torch.Tensor, norm: nn.LayerNorm | None, linears: list[nn.Linear]
+) -> list[torch.Tensor]:
+    """`[linear(norm(cat([data, positions], -1))) for linear in linears]`, exactly, without building the concatenation.
+
+    `data` is `(B, M, C)` and `positions` `(M, F)` (the same for every sample) or `(B, M, F)`. The norm's statistics of
+    each row combine those of its two parts (Chan et al.'s parallel mean and variance: each part is centred on its own
+    mean, so the result is as stable as LayerNorm's), the norm's scale and shift fold into the weight and bias, and the
+    weight splits along its input, `W [x_d, x_p] = W_d x_d + W_p x_p`:
+
+        rstd * ((x_d - mean_d) W_d^T + (x_p - mean_p) W_p^T + (mean_p - mean_d) h) + (W beta + b)
+
+    with `h = (C W_p gamma_p - F W_d gamma_d) 1 / (C + F)`. The position part is one `(M, F)` matmul shared by the batch
+    instead of `B` of them, which cuts the FLOPs by about `C / (C + F)` and never materialises `(B, M, C + F)`.
+    """
+    batch_size, channels, num_positions = data.shape[0], data.shape[-1], positions.shape[-1]
+    width = channels + num_positions
+    if norm is None:
+        return [
+            torch.baddbmm(
+                positions @ linear.weight[:, channels:].T + linear.bias,
+                data,
+                linear.weight[:, :channels].T.expand(batch_size, -1, -1),
+            )
+            for linear in linears
+        ]
+
+    data_mean, positions_mean = data.mean(-1, keepdim=True), positions.mean(-1, keepdim=True)
+    data, positions = data - data_mean, positions - positions_mean
+    delta = positions_mean - data_mean  # (B, M, 1)
+    variance = data.square().sum(-1, keepdim=True) + positions.square().sum(-1, keepdim=True)
+    variance = (variance + delta.square() * (channels * num_positions / width)) / width  # (B, M, 1)
+    rstd = torch.rsqrt(variance + norm.eps)
+    data = torch.cat([data, delta], dim=-1)  # (B, M, C + 1)
+
+    outputs = []
+    for linear in linears:
+        weight_data = linear.weight[:, :channels] * norm.weight[:channels]  # (out, C)
+        weight_positions = linear.weight[:, channels:] * norm.weight[channels:]  # (out, F)
+        mean_correction = (channels * weight_positions.sum(-1) - num_positions * weight_data.sum(-1)) / width
+        weight_data = torch.cat([weight_data, mean_correction[:, None]], dim=-1)  # (out, C + 1)
+        projected = torch.baddbmm(positions @ weight_positions.T, data, weight_data.T.expand(batch_size, -1, -1))
+        bias = linear.bias + linear.weight @ norm.bias
+        outputs.append(torch.addcmul(bias.to(projected.dtype), projected, rstd.to(projected.dtype)))
+    return outputs
 
 
 class PerceiverLiteAttention(nn.Module):
@@ -223,14 +326,23 @@ class PerceiverLiteAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, inner_dim)
         self.o_proj = nn.Linear(inner_dim, config.dim)
 
-    def project_key_value(self, key_value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `(B, H, Lk, D)` from `(B, Lk, kv_dim)`; reusable by every call that attends to the same states."""
-        if self.kv_norm is not None:
-            key_value_states = self.kv_norm(key_value_states)
-        hidden_shape = (*key_value_states.shape[:-1], self.num_heads, self.head_dim)
-        key = self.k_proj(key_value_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
-        value = self.v_proj(key_value_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
-        return key, value
+    def project_key_value(
+        self, key_value_states: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `(B, H, Lk, D)` from `(B, Lk, kv_dim)`; reusable by every call that attends to the same states.
+
+        With `positions` (`(Lk, F)` shared by the batch, or `(B, Lk, F)`), `key_value_states` holds only the data channels
+        `(B, Lk, kv_dim - F)` and the result is that of their concatenation, computed without building it
+        (`norm_and_project_concatenation`).
+        """
+        if positions is None:
+            if self.kv_norm is not None:
+                key_value_states = self.kv_norm(key_value_states)
+            key, value = self.k_proj(key_value_states), self.v_proj(key_value_states)
+        else:
+            key, value = norm_and_project_concatenation(key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj])
+        hidden_shape = (*key.shape[:-1], self.num_heads, self.head_dim)
+        return key.view(hidden_shape).transpose(1, 2), value.view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
 
     def forward(
         self,
@@ -241,13 +353,20 @@ class PerceiverLiteAttention(nn.Module):
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
-        query = self.q_proj(hidden_states).view(*input_shape, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, D)
-        if key is None:
-            key, value = self.project_key_value(hidden_states)
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        if key is None:  # self-attention: queries, keys and values from one product
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 H D, dim)
+            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            states = nn.functional.linear(hidden_states, weight, bias).view(hidden_shape).transpose(1, 2)  # (B, 3 H, L, D)
+            query, key, value = states.chunk(3, dim=1)  # (B, H, L, D) each
+        else:
+            query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lq, D)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if self._prefers_matmul_attention(query):
+            attention_interface = recomputed_attention_forward
         attn_output, attn_weights = attention_interface(
             self,
             query,
@@ -260,6 +379,13 @@ class PerceiverLiteAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1)  # (B, Lq, H * D)
         return self.o_proj(attn_output), attn_weights
+
+    def _prefers_matmul_attention(self, query: torch.Tensor) -> bool:
+        """On the sdpa path, half precision on the CPU runs faster through `RecomputedAttention` (same memory: nothing
+        of size `(Lq, Lk)` kept); float32 and GPUs keep torch's fused kernels. Dropout needs the fused kernels."""
+        half = query.dtype in (torch.bfloat16, torch.float16)
+        no_dropout = not (self.training and self.attention_dropout > 0)
+        return self.config._attn_implementation == "sdpa" and query.device.type == "cpu" and half and no_dropout
 
 
 class PerceiverLiteMLP(nn.Module):
@@ -337,9 +463,12 @@ class PerceiverLiteBlock(nn.Module):
         self.cross_layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True)
         self.layers = nn.ModuleList(PerceiverLiteLayer(config) for _ in range(num_self_attention_layers))
 
-    def project_inputs(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention's keys and values for `inputs_embeds`; the same for every run of this block."""
-        return self.cross_layer.cross_attention.project_key_value(inputs_embeds)
+    def project_inputs(
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention's keys and values for `inputs_embeds` (or for its data channels and `positions`, see
+        `PerceiverLiteAttention.project_key_value`); the same for every run of this block."""
+        return self.cross_layer.cross_attention.project_key_value(inputs_embeds, positions)
 
     def forward(self, latents, key, value, attention_mask=None, **kwargs) -> torch.Tensor:
         latents = self.cross_layer(latents, key, value, attention_mask, **kwargs)
@@ -510,6 +639,10 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PerceiverLiteModel):
             init.trunc_normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Embedding):
+            # The token embedding of PerceiverLiteForSequenceClassification: data channels beside Fourier features of
+            # unit scale. At initializer_range they would vanish in the inputs' LayerNorm and the model learn slowly.
+            init.normal_(module.weight, mean=0.0, std=1.0)
 
 
 class PerceiverLiteModel(PerceiverLitePreTrainedModel):
@@ -541,11 +674,13 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
             Cross-attention inputs that carry their own position features, instead of `inputs`.
         """
         self._check_inputs(inputs, attention_mask, inputs_embeds)
-        if inputs_embeds is None:
-            inputs_embeds, attention_mask = self.embeddings(inputs, attention_mask)
+        positions = None
+        if inputs_embeds is None:  # the data channels and their position features, never concatenated
+            inputs_embeds, positions, attention_mask = self.embeddings.split(inputs, attention_mask)
         elif attention_mask is not None:
             attention_mask = attention_mask.bool()
         inputs_embeds = inputs_embeds.to(self.dtype)  # as ViT: inputs of any float dtype, computed in the weights' dtype
+        positions = positions if positions is None else positions.to(self.dtype)
         if attention_mask is not None:
             attention_mask = _key_padding_mask(attention_mask)  # (B, 1, 1, M)
 
@@ -554,7 +689,7 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         for index in self.config.layers_indice:
             block = self.blocks[index]
             if index not in key_values:  # repeats of a block attend to the same keys and values
-                key_values[index] = block.project_inputs(inputs_embeds)
+                key_values[index] = block.project_inputs(inputs_embeds, positions)
             latents = block(latents, *key_values[index], attention_mask, **kwargs)
 
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))

@@ -5,14 +5,18 @@ errors that bad files raise.
 The remote-code checks run `remote_code_loader.py` in a subprocess that cannot import `perceiver_lite`.
 """
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
+import huggingface_hub.constants
 import pytest
 import torch
 import transformers
@@ -54,18 +58,30 @@ AUTO_MAP = {
 }
 ATOL = 1e-5
 
-# Per class: its Auto class, a tiny tester (1-D data for text and audio), its Hub task and its first input.
+class Kind(NamedTuple):
+    model_class: type
+    auto_class: str
+    data_shape: tuple  # of the tiny tester: 1-D for text and audio
+    pipeline_tag: str
+
+
 MODELS = {
-    "base": (PerceiverLiteModel, "AutoModel", (3, 8, 8), "feature-extraction"),
-    "image": (PerceiverLiteForImageClassification, "AutoModelForImageClassification", (3, 8, 8), "image-classification"),
-    "text": (PerceiverLiteForSequenceClassification, "AutoModelForSequenceClassification", (16, 12), "text-classification"),
-    "audio": (PerceiverLiteForAudioClassification, "AutoModelForAudioClassification", (1, 16), "audio-classification"),
+    "base": Kind(PerceiverLiteModel, "AutoModel", (3, 8, 8), "feature-extraction"),
+    "image": Kind(
+        PerceiverLiteForImageClassification, "AutoModelForImageClassification", (3, 8, 8), "image-classification"
+    ),
+    "text": Kind(
+        PerceiverLiteForSequenceClassification, "AutoModelForSequenceClassification", (16, 12), "text-classification"
+    ),
+    "audio": Kind(
+        PerceiverLiteForAudioClassification, "AutoModelForAudioClassification", (1, 16), "audio-classification"
+    ),
 }
 
 
 def build_model(kind: str, **config_overrides):
-    model_class, _, data_shape, _ = MODELS[kind]
-    return model_class(PerceiverLiteModelTester(data_shape=data_shape).get_config(**config_overrides)).eval()
+    config = PerceiverLiteModelTester(data_shape=MODELS[kind].data_shape).get_config(**config_overrides)
+    return MODELS[kind].model_class(config).eval()
 
 
 def head_inputs(kind: str, config: PerceiverLiteConfig, batch_size: int = 3) -> torch.Tensor:
@@ -92,7 +108,7 @@ def write_reference(model, auto_class: str, inputs: torch.Tensor, path: Path) ->
 
 def reference_cases(kind: str, model, folder: Path, references: Path) -> list[dict]:
     """`AutoModel` and the head's own Auto class on `folder`, each with a reference file of its outputs."""
-    auto_class, config = MODELS[kind][1], model.config
+    auto_class, config = MODELS[kind].auto_class, model.config
     cases = []
     for name in dict.fromkeys(["AutoModel", auto_class]):
         inputs = torch.randn(3, *config.data_shape) if name == "AutoModel" else head_inputs(kind, config)
@@ -101,12 +117,13 @@ def reference_cases(kind: str, model, folder: Path, references: Path) -> list[di
     return cases
 
 
-def assert_matches_references(model, cases: list[dict], auto_class: str):
+def assert_matches_references(model, cases: list[dict], auto_class: str, device: str = "cpu"):
     for case in (case for case in cases if case["auto_class"] == auto_class):
         with safe_open(case["reference"], framework="pt") as reference:
             inputs, expected = reference.get_tensor("inputs"), reference.get_tensor("expected")
         with torch.no_grad():
-            torch.testing.assert_close(getattr(model(inputs), output_name(auto_class)), expected, atol=ATOL, rtol=0)
+            output = getattr(model(inputs.to(device)), output_name(auto_class)).cpu()
+        torch.testing.assert_close(output, expected, atol=ATOL, rtol=0)
 
 
 def load_without_package(cases: list[dict], workdir: Path) -> dict:
@@ -130,7 +147,8 @@ def assert_loaded_without_package(report: dict, cases: list[dict]):
     for case in report["cases"]:
         expected_class = AUTO_MAP[case["auto_class"]].split(".")[1]
         assert case["model_class"] == expected_class, case
-        assert case["module"].startswith("transformers_modules.") and case["module"].endswith(".modeling_perceiver_lite")
+        assert case["module"].startswith("transformers_modules."), case  # the saved code, from the modules cache
+        assert case["module"].endswith(".modeling_perceiver_lite"), case
         assert case["max_abs_diff"] <= ATOL, case
         assert set(case["resaved_files"]) == SAVED_FILES, case
         assert case["resaved_auto_map"] == AUTO_MAP, case
@@ -148,7 +166,8 @@ def saved(tmp_path_factory):
         model = build_model(kind)
         folder = root / kind
         model.save_pretrained(folder)
-        result[kind] = SimpleNamespace(model=model, folder=folder, cases=reference_cases(kind, model, folder, root / "references"))
+        cases = reference_cases(kind, model, folder, root / "references")
+        result[kind] = SimpleNamespace(model=model, folder=folder, cases=cases)
     return result
 
 
@@ -163,7 +182,7 @@ def test_save_pretrained_writes_weights_code_and_auto_map(saved, kind):
     assert {path.name for path in folder.iterdir()} == SAVED_FILES  # no pickle (`pytorch_model.bin`) beside them
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "perceiver_lite"
-    assert config["architectures"] == [MODELS[kind][0].__name__]
+    assert config["architectures"] == [MODELS[kind].model_class.__name__]
     assert config["auto_map"] == AUTO_MAP  # every head, whichever class was saved
     for name in CODE_FILES:
         assert (folder / name).read_text() == (PACKAGE_DIR / name).read_text()
@@ -216,7 +235,7 @@ def test_remote_code_loader_really_runs_without_the_package(tmp_path):
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_package_loads_without_trust_remote_code(saved, kind):
-    model_class, auto_class, _, _ = MODELS[kind]
+    model_class, auto_class = MODELS[kind].model_class, MODELS[kind].auto_class
     assert type(AutoConfig.from_pretrained(saved[kind].folder)) is PerceiverLiteConfig
     model = getattr(transformers, auto_class).from_pretrained(saved[kind].folder).eval()
     assert type(model) is model_class
@@ -253,13 +272,21 @@ class FakeHubApi:
             self._upload(operation.path_or_fileobj, repo_id, operation.path_in_repo)
         return SimpleNamespace(commit_url=f"fake://{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+    def upload_folder(
+        self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None,
+        run_as_future=False, **kwargs,
+    ):  # fmt: skip
         files = [path.relative_to(folder_path).as_posix() for path in Path(folder_path).rglob("*") if path.is_file()]
         files = sorted(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         self.calls.append(("upload_folder", repo_id, files))
         for name in files:
-            self._upload(Path(folder_path) / name, repo_id, name)
-        return SimpleNamespace(commit_url=f"fake://{repo_id}")
+            self._upload(Path(folder_path) / name, repo_id, os.path.join(path_in_repo or "", name))
+        commit = SimpleNamespace(commit_url=f"fake://{repo_id}")
+        if not run_as_future:  # Trainer pushes checkpoints in the background
+            return commit
+        future = Future()
+        future.set_result(commit)
+        return future
 
     def _upload(self, source, repo_id, path_in_repo):
         destination = self.repo(repo_id) / path_in_repo
@@ -301,7 +328,7 @@ def test_model_push_to_hub_uploads_weights_code_and_model_card(fake_hub, kind):
     assert json.loads((remote / "config.json").read_text())["auto_map"] == AUTO_MAP
     metadata = card_metadata(remote)
     assert metadata["library_name"] == "transformers"
-    assert metadata["pipeline_tag"] == MODELS[kind][3]
+    assert metadata["pipeline_tag"] == MODELS[kind].pipeline_tag
     assert {"perceiver", "perceiver-lite"} <= set(metadata["tags"])
 
 
@@ -404,15 +431,17 @@ def test_dtype_auto_follows_the_checkpoint(tmp_path):
     assert PerceiverLiteForImageClassification.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["cpu", "disk-offload"])
+@pytest.mark.parametrize("offload", [False, True], ids=["auto", "disk-offload"])
 def test_device_map_auto(saved, tmp_path, offload):
-    kwargs = {"max_memory": {"cpu": "30KB"}, "offload_folder": tmp_path} if offload else {}
+    memory = {"cpu": "30KB", **({0: "0GB"} if torch.cuda.is_available() else {})}  # too small: all on disk
+    kwargs = {"max_memory": memory, "offload_folder": tmp_path} if offload else {}
     model = PerceiverLiteForImageClassification.from_pretrained(saved["image"].folder, device_map="auto", **kwargs)
+    device = "cuda" if torch.cuda.is_available() and not offload else "cpu"  # offloaded: inputs on the CPU
     if offload:
         assert set(model.hf_device_map.values()) == {"disk"}
     else:
-        assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
-    assert_matches_references(model.eval(), saved["image"].cases, "AutoModelForImageClassification")
+        assert {parameter.device.type for parameter in model.parameters()} == {device}
+    assert_matches_references(model.eval(), saved["image"].cases, "AutoModelForImageClassification", device)
 
 
 def test_sharded_checkpoint_round_trips(saved, tmp_path):
@@ -495,11 +524,11 @@ def edit_config(folder: Path, **changes):
     return config_file
 
 
-@pytest.mark.parametrize("load", [PerceiverLiteForImageClassification.from_pretrained, PerceiverLiteConfig.from_pretrained])
+@pytest.mark.parametrize("load", [PerceiverLiteForImageClassification, PerceiverLiteConfig], ids=["model", "config"])
 def test_config_of_another_model_type_is_refused(broken_copy, load):
     config_file = edit_config(broken_copy, model_type="bert")
     with pytest.raises(ValueError, match=rf"`{config_file}` describes a `bert` model, not `perceiver_lite`"):
-        load(broken_copy)
+        load.from_pretrained(broken_copy)
 
 
 def test_auto_class_refuses_a_config_of_another_model(broken_copy):
@@ -542,3 +571,40 @@ def test_plain_config_dict_errors_say_so():
 # ---------------------------------------------------------------------------------------------------------------------
 # 4 (end). scripts/train.py --push_to_hub
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_train_script():
+    spec = importlib.util.spec_from_file_location("train_script", REPO_ROOT / "scripts" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scripts/train.py pushes with a plain `Trainer` and no `dataset_tags`: its card lacks `pipeline_tag` and "
+    "`datasets`. Use `perceiver_lite.trainer.PerceiverLiteTrainer` and pass `dataset_tags`, then drop this marker.",
+)
+def test_train_script_push_to_hub(fake_hub, monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the script refuses to push offline
+    tiny_model = ["--num_latent_tokens", "8", "--dim", "32", "--heads", "4", "--cross_heads", "2", "--num_bands", "4"]
+    metrics = load_train_script().main(
+        ["--output_dir", str(tmp_path / "digits"), "--max_steps", "2", "--push_to_hub", "--hub_model_id",
+         "someone/perceiver-digits", "--disable_tqdm", "true", *tiny_model]
+    )  # fmt: skip
+
+    remote = fake_hub.repo("someone/perceiver-digits")
+    assert {*SAVED_FILES, "README.md"} <= {path.name for path in remote.iterdir()}
+    assert json.loads((remote / "config.json").read_text())["auto_map"] == AUTO_MAP
+    card = ModelCard.load(remote / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "image-classification"
+    assert "perceiver" in card.data.tags
+    assert card.data.datasets
+    assert card.data.metrics == ["accuracy"]
+    [result] = card.data.eval_results
+    assert result.metric_value == pytest.approx(metrics["eval_accuracy"])
+
+    model = PerceiverLiteForImageClassification.from_pretrained(tmp_path / "digits").eval()
+    cases = reference_cases("image", model, remote, tmp_path)
+    assert_loaded_without_package(load_without_package(cases, tmp_path / "run"), cases)

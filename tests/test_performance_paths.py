@@ -1,0 +1,198 @@
+"""Correctness of the fast paths: each equals the straightforward computation it replaces (no timing here; speed and
+memory are measured by `scripts/benchmark.py`)."""
+
+import pytest
+import torch
+from torch import nn
+
+from perceiver_lite import PerceiverLiteModel
+from perceiver_lite import modeling_perceiver_lite as modeling
+from perceiver_lite.modeling_perceiver_lite import (
+    PerceiverLiteAttention,
+    RecomputedAttention,
+    eager_attention_forward,
+    norm_and_project_concatenation,
+)
+
+
+def make_model(config, attn_implementation="sdpa"):
+    model = PerceiverLiteModel(config).eval()
+    model.set_attn_implementation(attn_implementation)
+    return model
+
+
+def padding_mask(batch_size=3, spatial_shape=(8, 8)):
+    """Sample 1 is 5 x 6 inside the 8 x 8 frame: per-sample position features."""
+    mask = torch.ones(batch_size, *spatial_shape, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[1, :, 6:] = False
+    return mask
+
+
+def straightforward_forward(model, inputs, attention_mask=None):
+    """`PerceiverLiteModel.forward` without its shortcuts: concatenated embeddings, keys and values projected again
+    for every cross-attend."""
+    inputs_embeds, mask = model.embeddings(inputs, attention_mask)
+    mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, M)
+    latents = model.latents.expand(inputs.shape[0], -1, -1)
+    for index in model.config.layers_indice:
+        block = model.blocks[index]
+        latents = block(latents, *block.project_inputs(inputs_embeds), mask)
+    return latents
+
+
+def gradients(model, output):
+    model.zero_grad(set_to_none=True)
+    output.square().mean().backward()
+    return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])
+def test_shared_key_values_and_split_embeddings_match_recomputation(model_tester, pre_norm, masked):
+    config = model_tester.get_config(pre_norm=pre_norm)
+    assert len(set(config.layers_indice)) < len(config.layers_indice)  # a block runs twice
+    model = make_model(config).train()
+    inputs = model_tester.prepare_inputs() * 4 + 3  # off-centre data: stresses the combined norm statistics
+    mask = padding_mask() if masked else None
+
+    output = model(inputs, attention_mask=mask).last_hidden_state
+    expected = straightforward_forward(model, inputs, mask)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+    fast, slow = gradients(model, output), gradients(model, expected)
+    assert fast.keys() == slow.keys()
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_key_values_computed_once_per_unique_block(model_tester, monkeypatch):
+    model = make_model(model_tester.get_config(layers_indice=[0, 1, 1, 1]))
+    inputs = model_tester.prepare_inputs()
+    calls = []
+    for block in model.blocks:
+        block.cross_layer.cross_attention.k_proj.register_forward_pre_hook(lambda *_: calls.append("inputs_embeds"))
+    split_projection = modeling.norm_and_project_concatenation
+    monkeypatch.setattr(modeling, "norm_and_project_concatenation", lambda *a: calls.append("split") or split_projection(*a))
+    model(inputs)
+    assert calls == ["split"] * 2  # two unique blocks, four cross-attends
+    calls.clear()
+    model(inputs_embeds=model.embeddings(inputs)[0])
+    assert calls == ["inputs_embeds"] * 2
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["layer-norm", "no-norm"])
+@pytest.mark.parametrize("shared_positions", [True, False], ids=["shared-positions", "per-sample-positions"])
+def test_norm_and_project_concatenation_is_exact(norm, shared_positions):
+    batch_size, length, channels, num_positions, out = 3, 10, 4, 9, 12
+    layer_norm = nn.LayerNorm(channels + num_positions) if norm else None
+    if norm:
+        nn.init.normal_(layer_norm.weight, 1.0, 0.5)
+        nn.init.normal_(layer_norm.bias, 0.0, 0.5)
+    linear = nn.Linear(channels + num_positions, out)
+    data = (torch.randn(batch_size, length, channels) * 30 + 100).requires_grad_()  # raw pixel-like values
+    positions_shape = (length, num_positions) if shared_positions else (batch_size, length, num_positions)
+    positions = torch.rand(positions_shape) * 2 - 1
+
+    (output,) = norm_and_project_concatenation(data, positions, layer_norm, [linear])
+    concatenated = torch.cat([data, positions.expand(batch_size, length, num_positions)], dim=-1)
+    expected = linear(layer_norm(concatenated) if norm else concatenated)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
+
+    parameters = [data, *linear.parameters(), *(layer_norm.parameters() if norm else [])]
+    upstream = torch.randn_like(expected)
+    fast = torch.autograd.grad(output, parameters, upstream)
+    slow = torch.autograd.grad(expected, parameters, upstream)
+    for name, a, b in zip(["data", "weight", "bias", "norm.weight", "norm.bias"], fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16-autocast"])
+def test_sdpa_path_keeps_no_cross_attention_matrix_for_backward(model_tester, autocast_dtype):
+    """Training saves tensors for the backward pass; on the sdpa path none of them is a (latents x inputs) matrix, in
+    float32 (torch's fused kernel) as in half precision (`RecomputedAttention`)."""
+    config = model_tester.get_config()
+    inputs = model_tester.prepare_inputs()
+    num_latents, num_inputs = config.num_latent_tokens, inputs[0, 0].numel()
+
+    def saved_attention_matrices(attn_implementation):
+        model = make_model(config, attn_implementation).train()
+        shapes = []
+        with (
+            torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
+            torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
+        ):
+            model(inputs).last_hidden_state.float().sum().backward()
+        return [shape for shape in shapes if shape[-2:] == (num_latents, num_inputs)]
+
+    assert saved_attention_matrices("eager")  # the check sees the matrix where it exists
+    assert not saved_attention_matrices("sdpa")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_half_precision_softmax_is_safe(model_tester, attn_implementation, dtype):
+    """Half-precision attention: close to float32 at ordinary scales, and finite convex combinations of the values for
+    logits far beyond the half-precision range of `exp`."""
+    config = model_tester.get_config()
+    config._attn_implementation = attn_implementation
+    attention = PerceiverLiteAttention(config).eval()
+    hidden_states = torch.randn(2, 6, config.dim)
+    expected, _ = attention(hidden_states)
+    output, _ = attention.to(dtype)(hidden_states.to(dtype))
+    torch.testing.assert_close(output.float(), expected, rtol=0.05, atol=0.02)
+
+    query = torch.randn(2, config.heads, 6, 8, dtype=dtype) * 40  # logits in the thousands: exp overflows
+    key, value = torch.randn(2, config.heads, 10, 8, dtype=dtype) * 40, torch.randn(2, config.heads, 10, 8, dtype=dtype)
+    attention.q_proj, attention.o_proj = nn.Identity(), nn.Identity()
+    output, _ = attention(query.transpose(1, 2).flatten(2), key, value)  # (B, Lq, H * D)
+    output = output.unflatten(-1, (config.heads, 8)).transpose(1, 2)  # (B, H, Lq, D)
+    assert torch.isfinite(output).all()
+    low, high = value.amin(dim=2, keepdim=True), value.amax(dim=2, keepdim=True)  # (B, H, 1, D)
+    assert ((output >= low - 1e-2) & (output <= high + 1e-2)).all()
+
+
+def test_torch_compile_matches_eager_mode(model_tester):
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile is not supported on this platform")
+    model = make_model(model_tester.get_config(layers_indice=[0, 0], num_latent_transformers_in_layers=[1]))
+    inputs = model_tester.prepare_inputs()
+    expected = model(inputs).last_hidden_state
+    compiled = torch.compile(model)  # the default backend, inductor
+    torch.testing.assert_close(compiled(inputs).last_hidden_state, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled(inputs * 2).last_hidden_state, model(inputs * 2).last_hidden_state,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_recomputed_attention_matches_eager(masked):
+    """`RecomputedAttention` (the sdpa path in half precision on the CPU) equals matmul-softmax attention, forward and
+    backward (float64 gradcheck, and float32 against the eager function)."""
+    query = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 1, 1, 7) > 0.4
+        mask[..., 0] = True
+    assert torch.autograd.gradcheck(lambda q, k, v: RecomputedAttention.apply(q, k, v, mask, 0.5), (query, key, value))
+
+    inputs = [tensor.detach().float().requires_grad_() for tensor in (query, key, value)]
+    output = RecomputedAttention.apply(*inputs, mask, 0.5)
+    module = nn.Module()  # eager_attention_forward only reads `training`
+    expected, _ = eager_attention_forward(module, *[t.detach().requires_grad_() for t in inputs], mask, scaling=0.5)
+    torch.testing.assert_close(output.transpose(1, 2), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_self_attention_single_product_matches_separate_projections(model_tester):
+    config = model_tester.get_config()
+    config._attn_implementation = "eager"
+    attention = PerceiverLiteAttention(config).eval()
+    hidden_states = torch.randn(2, 6, config.dim)
+
+    def heads(projection):
+        return projection(hidden_states).view(2, 6, config.heads, -1).transpose(1, 2)  # (B, H, L, D)
+
+    query, key, value = heads(attention.q_proj), heads(attention.k_proj), heads(attention.v_proj)
+    context, _ = eager_attention_forward(attention, query, key, value, None, scaling=attention.scaling)
+    expected = attention.o_proj(context.reshape(2, 6, -1))
+    torch.testing.assert_close(attention(hidden_states)[0], expected, rtol=1e-5, atol=1e-6)
