@@ -269,7 +269,7 @@ def norm_and_project_concatenation(
     mean, so the result is as stable as LayerNorm's), the norm's scale and shift fold into the weight and bias, and the
     weight splits along its input, `W [x_d, x_p] = W_d x_d + W_p x_p`:
 
-        rstd * ((x_d - mean_d) W_d^T + (x_p - mean_p) W_p^T + (mean_p - mean_d) h) + (W beta + b)
+        rstd * [x_d - mean_d, mean_p - mean_d] [W_d, h]^T + rstd * (x_p - mean_p) W_p^T + (W beta + b)
 
     with `h = (C W_p gamma_p - F W_d gamma_d) 1 / (C + F)`. The position part is one `(M, F)` matmul shared by the batch
     instead of `B` of them, which cuts the FLOPs by about `C / (C + F)` and never materialises `(B, M, C + F)`.
@@ -286,13 +286,16 @@ def norm_and_project_concatenation(
             for linear in linears
         ]
 
+    dtype = linears[0].weight.dtype
+    data, positions = data.float(), positions.float()  # statistics in float32, as LayerNorm's in half precision
     data_mean, positions_mean = data.mean(-1, keepdim=True), positions.mean(-1, keepdim=True)
     data, positions = data - data_mean, positions - positions_mean
     delta = positions_mean - data_mean  # (B, M, 1)
     variance = data.square().sum(-1, keepdim=True) + positions.square().sum(-1, keepdim=True)
     variance = (variance + delta.square() * (channels * num_positions / width)) / width  # (B, M, 1)
     rstd = torch.rsqrt(variance + norm.eps)
-    data = torch.cat([data, delta], dim=-1)  # (B, M, C + 1)
+    data = (torch.cat([data, delta], dim=-1) * rstd).to(dtype)  # (B, M, C + 1), normalised: in range in any dtype
+    positions = positions.to(dtype)
 
     outputs = []
     for linear in linears:
@@ -300,10 +303,16 @@ def norm_and_project_concatenation(
         weight_positions = linear.weight[:, channels:] * norm.weight[channels:]  # (out, F)
         mean_correction = (channels * weight_positions.sum(-1) - num_positions * weight_data.sum(-1)) / width
         weight_data = torch.cat([weight_data, mean_correction[:, None]], dim=-1)  # (out, C + 1)
-        projected = torch.baddbmm(positions @ weight_positions.T, data, weight_data.T.expand(batch_size, -1, -1))
         bias = linear.bias + linear.weight @ norm.bias
-        outputs.append(torch.addcmul(bias.to(projected.dtype), projected, rstd.to(projected.dtype)))
+        projected = torch.baddbmm(bias, data, weight_data.T.expand(batch_size, -1, -1))  # (B, M, out)
+        outputs.append(torch.addcmul(projected, positions @ weight_positions.T, rstd.to(projected.dtype)))
     return outputs
+
+
+def _hooked(*modules) -> bool:
+    """Whether accelerate's hooks manage these modules' weights (a `device_map` with offloading loads them only inside
+    each module's own forward): the fast paths that read weights directly then call the modules instead."""
+    return any(hasattr(module, "_hf_hook") for module in modules)
 
 
 class PerceiverLiteAttention(nn.Module):
@@ -335,12 +344,15 @@ class PerceiverLiteAttention(nn.Module):
         `(B, Lk, kv_dim - F)` and the result is that of their concatenation, computed without building it
         (`norm_and_project_concatenation`).
         """
-        if positions is None:
+        if positions is not None and not _hooked(self.k_proj, self.v_proj, self.kv_norm):
+            key, value = norm_and_project_concatenation(key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj])
+        else:
+            if positions is not None:
+                positions = positions.expand(*key_value_states.shape[:-1], positions.shape[-1])  # (B, Lk, F)
+                key_value_states = torch.cat([key_value_states, positions], dim=-1)  # (B, Lk, kv_dim)
             if self.kv_norm is not None:
                 key_value_states = self.kv_norm(key_value_states)
             key, value = self.k_proj(key_value_states), self.v_proj(key_value_states)
-        else:
-            key, value = norm_and_project_concatenation(key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj])
         hidden_shape = (*key.shape[:-1], self.num_heads, self.head_dim)
         return key.view(hidden_shape).transpose(1, 2), value.view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
 
@@ -354,13 +366,15 @@ class PerceiverLiteAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        if key is None:  # self-attention: queries, keys and values from one product
+        if key is None and not _hooked(self.q_proj, self.k_proj, self.v_proj):  # self-attention: one product
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 H D, dim)
             bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
             states = nn.functional.linear(hidden_states, weight, bias).view(hidden_shape).transpose(1, 2)  # (B, 3 H, L, D)
             query, key, value = states.chunk(3, dim=1)  # (B, H, L, D) each
         else:
             query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lq, D)
+            if key is None:
+                key, value = self.project_key_value(hidden_states)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

@@ -132,7 +132,7 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
             optim="sgd",
             learning_rate=0.5,
             lr_scheduler_type="constant",
-            max_grad_norm=None,
+            max_grad_norm=0.0,  # no clipping
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=accumulation,
         )

@@ -37,7 +37,8 @@ def test_default_run_saves_every_promised_file(tmp_path, capsys):
         assert (output_dir / name).is_file(), name
     card = (output_dir / "README.md").read_text()
     assert "trained from scratch on the scikit-learn digits" in card
-    assert f"Accuracy: {metrics['eval_accuracy']:.4f}" in card
+    card_accuracy = next(line for line in card.splitlines() if line.startswith("- Accuracy: "))
+    assert float(card_accuracy.removeprefix("- Accuracy: ")) == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
     assert Image.open(output_dir / "training_curves.png").format == "PNG"
     assert json.loads((output_dir / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
 
