@@ -9,7 +9,8 @@ works with `pipeline("image-classification", model=output_dir)` and `AutoModelFo
     python scripts/train.py                                           # the digits
     python scripts/train.py --train_dir photos/train --validation_dir photos/val --image_size 32 --output_dir my-model
     python scripts/train.py --dataset_name ylecun/mnist --image_size 28  # a Hub dataset (online)
-    torchrun --nproc_per_node 2 scripts/train.py                      # data parallel, also `accelerate launch`
+    torchrun --nproc_per_node 2 scripts/train.py                      # data parallel (gloo on the CPU)
+    accelerate launch --multi_gpu --num_processes 2 scripts/train.py  # the same through accelerate, CPU too
 
 Every `TrainingArguments` flag works (`--max_steps`, `--bf16`, `--gradient_checkpointing`, `--save_steps`,
 `--resume_from_checkpoint`, `--push_to_hub --hub_model_id ...`); the defaults below are tuned for the digits.
@@ -23,10 +24,11 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 from huggingface_hub import constants as hub_constants
 from PIL import Image as PILImage
-from transformers import EvalPrediction, HfArgumentParser, Trainer, TrainingArguments, ViTImageProcessorPil, set_seed
+from transformers import EvalPrediction, HfArgumentParser, TrainingArguments, ViTImageProcessorPil, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForImageClassification
+from perceiver_lite.trainer import PerceiverLiteTrainer
 
 
 DIGITS_SPLIT_SEED = 0  # the same held-out images for every run, whatever --seed, so accuracies compare
@@ -113,6 +115,8 @@ class ModelArguments:
         default=None, metadata={"help": "Latent self-attention layers in each unique block."}
     )
     num_bands: int | None = field(default=None, metadata={"help": "Fourier bands per spatial axis."})
+    ff_dropout: float | None = field(default=None, metadata={"help": "Dropout on the feed-forward outputs."})
+    attention_dropout: float | None = field(default=None, metadata={"help": "Dropout on the attention weights."})
 
 
 def parse_arguments(args: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -123,7 +127,7 @@ def parse_arguments(args: list[str] | None = None) -> tuple[ModelArguments, Data
     try:
         return parser.parse_args_into_dataclasses(args)
     except ValueError as error:  # TrainingArguments' own checks of flag combinations
-        raise UsageError(first_line(error)) from None
+        raise UsageError(one_line(error)) from None
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
@@ -188,7 +192,7 @@ def load_hub_dataset(name: str, config_name: str | None) -> DatasetDict:
     try:
         return load_dataset(name, config_name)
     except (ConnectionError, FileNotFoundError) as error:
-        raise UsageError(f"could not load --dataset_name {name!r}: {first_line(error)}") from None
+        raise UsageError(f"could not load --dataset_name {name!r}: {one_line(error)}") from None
 
 
 def load_imagefolder(train_dir: str, validation_dir: str | None) -> DatasetDict:
@@ -199,7 +203,7 @@ def load_imagefolder(train_dir: str, validation_dir: str | None) -> DatasetDict:
     try:
         return load_dataset("imagefolder", data_files=data_files)
     except ValueError as error:
-        raise UsageError(f"could not read images from --train_dir {train_dir!r}: {first_line(error)}") from None
+        raise UsageError(f"could not read images from --train_dir {train_dir!r}: {one_line(error)}") from None
 
 
 def check_columns(dataset: DatasetDict, data_args: DataArguments):
@@ -217,8 +221,8 @@ def check_columns(dataset: DatasetDict, data_args: DataArguments):
         )
 
 
-def first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def build_image_processor(image_size: int) -> ViTImageProcessorPil:
@@ -267,7 +271,7 @@ def build_config(model_args: ModelArguments, label_names: list[str]) -> Perceive
             label2id={name: index for index, name in enumerate(label_names)},
         )
     except (OSError, ValueError) as error:
-        raise UsageError(f"bad model configuration: {first_line(error)}") from None
+        raise UsageError(f"bad model configuration: {one_line(error)}") from None
 
 
 def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -324,7 +328,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     set_seed(training_args.seed)  # the initial weights too: the same --seed, the same run
     model = PerceiverLiteForImageClassification(build_config(model_args, label_names))
 
-    trainer = Trainer(
+    trainer = PerceiverLiteTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset["train"],
@@ -339,6 +343,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
     card = {"model_name": os.path.basename(os.path.normpath(training_args.output_dir)), "tasks": "image-classification"}
     card["dataset"] = data_args.dataset_name or data_args.train_dir or "scikit-learn digits"
+    if data_args.dataset_name or not data_args.train_dir:  # a local imagefolder has no Hub dataset to name
+        card["dataset_tags"] = data_args.dataset_name or "scikit-learn/digits"
     model.config._name_or_path = training_args.output_dir  # where the model now lives: the card says "from scratch"
     if trainer.is_world_process_zero():
         trainer.create_model_card(**card)

@@ -580,11 +580,6 @@ def load_train_script():
     return module
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scripts/train.py pushes with a plain `Trainer` and no `dataset_tags`: its card lacks `pipeline_tag` and "
-    "`datasets`. Use `perceiver_lite.trainer.PerceiverLiteTrainer` and pass `dataset_tags`, then drop this marker.",
-)
 def test_train_script_push_to_hub(fake_hub, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the script refuses to push offline
     tiny_model = ["--num_latent_tokens", "8", "--dim", "32", "--heads", "4", "--cross_heads", "2", "--num_bands", "4"]

@@ -92,6 +92,7 @@ BAD_ARGUMENTS = {
     "no checkpoint to resume": (["--resume_from_checkpoint", "True"], "found no checkpoint-* folder"),
     "missing config": (["--config_name", "/nonexistent/config.json"], "--config_name '/nonexistent/config.json'"),
     "invalid model size": (["--dim", "30"], "`dim` (30) must be divisible by `heads` (4)"),
+    "clashing Trainer flags": (["--load_best_model_at_end", "True", "--save_strategy", "no"], "--load_best_model"),
 }
 
 
