@@ -218,19 +218,21 @@ def eager_attention_forward(
 
 class RecomputedAttention(torch.autograd.Function):
     """Softmax attention through plain batched matmuls that keeps nothing of size `(Lq, Lk)` for the backward pass: it
-    saves the queries, keys and values and recomputes the probabilities there, one batch element at a time, so its
-    transient memory is one element's `(H, Lq, Lk)`. On the CPU in half precision this is several times faster than
-    torch's fused attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's
-    blocks do not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay in
-    the inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
+    saves the queries, keys and values and recomputes the probabilities there, a slice of the batch at a time, so its
+    transient memory stays under `SCORES_BUDGET` scores. On the CPU in half precision this is faster than torch's fused
+    attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's blocks do
+    not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay in the
+    inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
+
+    SCORES_BUDGET = 1 << 22
 
     @staticmethod
     def forward(ctx, query, key, value, attention_mask, scaling):
         query = query * scaling
         ctx.save_for_backward(query, key, value, attention_mask)
         output = query.new_empty(*query.shape[:-1], value.shape[-1])  # (B, H, Lq, Dv)
-        for index, mask in enumerate(_per_element(attention_mask, query.shape[0])):
-            torch.matmul(attention_probabilities(query[index], key[index], mask), value[index], out=output[index])
+        for batch, mask in _batch_slices(query, key, attention_mask):
+            torch.matmul(attention_probabilities(query[batch], key[batch], mask), value[batch], out=output[batch])
         ctx.scaling = scaling
         return output
 
@@ -238,19 +240,24 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, attention_mask = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for index, mask in enumerate(_per_element(attention_mask, query.shape[0])):
-            probs = attention_probabilities(query[index], key[index], mask)  # (H, Lq, Lk)
-            grad = grad_output[index]  # (H, Lq, Dv)
-            torch.matmul(probs.transpose(-1, -2), grad, out=grad_value[index])
-            grad_probs = torch.matmul(grad, value[index].transpose(-1, -2))  # (H, Lq, Lk)
+        for batch, mask in _batch_slices(query, key, attention_mask):
+            probs = attention_probabilities(query[batch], key[batch], mask)  # (b, H, Lq, Lk)
+            grad = grad_output[batch]  # (b, H, Lq, Dv)
+            torch.matmul(probs.transpose(-1, -2), grad, out=grad_value[batch])
+            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, Lq, Lk)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(grad_scores, key[index], out=grad_query[index])
-            torch.matmul(grad_scores.transpose(-1, -2), query[index], out=grad_key[index])
+            torch.matmul(grad_scores, key[batch], out=grad_query[batch])
+            torch.matmul(grad_scores.transpose(-1, -2), query[batch], out=grad_key[batch])
         return grad_query.mul_(ctx.scaling), grad_key, grad_value, None, None
 
 
-def _per_element(attention_mask, batch_size):
-    return [None] * batch_size if attention_mask is None else attention_mask.expand(batch_size, *attention_mask.shape[1:])
+def _batch_slices(query, key, attention_mask):
+    """Slices of the batch whose `(b, H, Lq, Lk)` scores fit `RecomputedAttention.SCORES_BUDGET`, with their masks."""
+    batch_size, num_heads, query_length = query.shape[:3]
+    step = max(1, RecomputedAttention.SCORES_BUDGET // (num_heads * query_length * key.shape[2]))
+    for start in range(0, batch_size, step):
+        batch = slice(start, start + step)
+        yield batch, None if attention_mask is None else attention_mask.expand(batch_size, *attention_mask.shape[1:])[batch]
 
 
 def recomputed_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):

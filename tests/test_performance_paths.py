@@ -163,10 +163,12 @@ def test_torch_compile_matches_eager_mode(model_tester):
                                rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("scores_budget", [1, 1 << 22], ids=["one-element-slices", "whole-batch"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-def test_recomputed_attention_matches_eager(masked):
+def test_recomputed_attention_matches_eager(masked, scores_budget, monkeypatch):
     """`RecomputedAttention` (the sdpa path in half precision on the CPU) equals matmul-softmax attention, forward and
-    backward (float64 gradcheck, and float32 against the eager function)."""
+    backward (float64 gradcheck, and float32 against the eager function), whatever slices of the batch it runs in."""
+    monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", scores_budget)
     query = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     key = torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True)
     value = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
