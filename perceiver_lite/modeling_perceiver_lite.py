@@ -754,7 +754,9 @@ class PerceiverLiteClassifier(nn.Module):
 class PerceiverLiteClassificationMixin:
     """Shared by the heads: the base model, the classifier, and the loss by `config.problem_type`."""
 
-    def _build_classifier(self, config: PerceiverLiteConfig):
+    def _build_classifier(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
+        if one_dimensional and config.num_axes != 1:
+            raise ValueError(f"{type(self).__name__} needs a 1-D data_shape [C, T], got {config.data_shape}")
         self.perceiver = PerceiverLiteModel(config)
         self.classifier = PerceiverLiteClassifier(config)
 
@@ -830,10 +832,8 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
-        if config.num_axes != 1:
-            raise ValueError(f"PerceiverLiteForSequenceClassification needs a 1-D data_shape [C, T], got {config.data_shape}")
+        self._build_classifier(config, one_dimensional=True)
         self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
-        self._build_classifier(config)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -875,9 +875,7 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
-        if config.num_axes != 1:
-            raise ValueError(f"PerceiverLiteForAudioClassification needs a 1-D data_shape [C, T], got {config.data_shape}")
-        self._build_classifier(config)
+        self._build_classifier(config, one_dimensional=True)
         self.post_init()
 
     @can_return_tuple
