@@ -10,6 +10,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # the Hub is unreachable; fail fast instead 
 import pytest
 import torch
 
+from transformers import TrainingArguments
+
 from perceiver_lite import PerceiverLiteConfig
 
 
@@ -114,3 +116,17 @@ def model_tester():
 def model_tester_nd(request):
     """The tiny model for 1-D, 2-D and 3-D inputs."""
     return PerceiverLiteModelTester(data_shape=request.param)
+
+
+def training_arguments(output_dir, **overrides) -> TrainingArguments:
+    """Quiet, CPU-only, checkpoint-free `TrainingArguments` for the tests' tiny Trainer runs."""
+    defaults = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
+    return TrainingArguments(**{**defaults, **overrides})

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PerceiverLiteModelTester
+from conftest import PerceiverLiteModelTester, training_arguments
 from datasets import Dataset
-from transformers import EvalPrediction, Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer
 from transformers.modeling_outputs import ImageClassifierOutput, SequenceClassifierOutput
 
 from perceiver_lite import (
@@ -69,19 +69,6 @@ def separable_dataset(modality: str, num_samples: int) -> Dataset:
 
 def accuracy(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
-
-
-def training_arguments(output_dir, **overrides) -> TrainingArguments:
-    defaults = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=0,
-    )
-    return TrainingArguments(**{**defaults, **overrides})
 
 
 @pytest.mark.parametrize("modality", HEADS)

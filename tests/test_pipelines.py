@@ -7,7 +7,7 @@ Each task trains a tiny model under `Trainer` on trivially separable data, saves
 import numpy as np
 import pytest
 import torch
-from conftest import PerceiverLiteModelTester
+from conftest import PerceiverLiteModelTester, training_arguments
 from datasets import Dataset
 from PIL import Image
 from transformers import (
@@ -19,7 +19,6 @@ from transformers import (
     AutoTokenizer,
     PerceiverTokenizer,
     Trainer,
-    TrainingArguments,
     ViTImageProcessorPil,
     Wav2Vec2FeatureExtractor,
     pipeline,
@@ -106,18 +105,7 @@ def fine_tune_and_save(task: str, output_dir) -> list[str]:
     labels = [i % 2 for i in range(48)]
     inputs = process(processor, make_examples(labels, np.random.default_rng(0)))
     dataset = Dataset.from_dict({**inputs, "label": labels}).with_format("torch")
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=36,
-        learning_rate=3e-3,
-        per_device_train_batch_size=8,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_pin_memory=False,
-        seed=0,
-    )
+    args = training_arguments(output_dir, max_steps=36, learning_rate=3e-3, per_device_train_batch_size=8)
     trainer = Trainer(model=head_class(config), args=args, train_dataset=dataset, processing_class=processor)
     trainer.train()
     trainer.save_model()
