@@ -365,14 +365,20 @@ def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dic
     return rows
 
 
+def training_step_times(names: list[str], setup: Setup, device: str, dtype: str, repeats: int) -> dict[str, float]:
+    """Seconds per training step of each model, interleaved, minimum over `repeats`; the models are freed after."""
+    runners = {name: Runner(name, setup, device, dtype) for name in names}
+    times = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+    del runners
+    gc.collect()
+    return times
+
+
 def scenario_b(setup: Setup, device: str, repeats: int, memory: dict) -> list[dict]:
     names = SCENARIO_MODELS["B"]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        runners = {name: Runner(name, setup, device, dtype) for name in names}
-        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
-        del runners
-        gc.collect()
+        training = training_step_times(names, setup, device, dtype, repeats)
         for name in names:
             rows.append(
                 {
@@ -393,10 +399,7 @@ def scenario_c(base: Setup, image_sizes: list[int], device: str, repeats: int, m
     rows = []
     for image_size in image_sizes:
         setup = dataclasses.replace(base, image_size=image_size)
-        runners = {name: Runner(name, setup, device, "float32") for name in names}
-        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
-        del runners
-        gc.collect()
+        training = training_step_times(names, setup, device, "float32", repeats)
         for name in names:
             rows.append(
                 {
