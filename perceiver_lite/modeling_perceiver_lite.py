@@ -1,5 +1,6 @@
 """PyTorch PerceiverLite: the Perceiver (Jaegle et al., 2021) as a transformers model."""
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -187,17 +188,21 @@ def _valid_extents(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def attention_probabilities(scaled_query, key, attention_mask) -> torch.Tensor:
-    """Softmax attention weights `(..., Lq, Lk)` for queries `(..., Lq, D)`, already scaled, and keys `(..., Lk, D)`, in
-    their dtype. Safe in half precision: scaling the queries first keeps the product in float16's range, and torch's
-    softmax subtracts the row maximum and accumulates half precision in float32."""
-    attn_weights = torch.matmul(scaled_query, key.transpose(-1, -2))  # (..., Lq, Lk)
+def masked_softmax(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of `scores`, with a boolean (True = attend) or additive mask, in the scores' dtype.
+    Safe in half precision: torch's softmax subtracts the row maximum and accumulates half precision in float32."""
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            attn_weights = attn_weights.masked_fill(~attention_mask, torch.finfo(attn_weights.dtype).min)
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
-            attn_weights = attn_weights + attention_mask
-    return attn_weights.softmax(dim=-1)
+            scores = scores + attention_mask
+    return scores.softmax(dim=-1)
+
+
+def attention_probabilities(scaled_query, key, attention_mask) -> torch.Tensor:
+    """Softmax attention weights `(..., Lq, Lk)` for queries `(..., Lq, D)`, already scaled (which keeps the product in
+    float16's range), and keys `(..., Lk, D)`, in their dtype."""
+    return masked_softmax(torch.matmul(scaled_query, key.transpose(-1, -2)), attention_mask)  # (..., Lq, Lk)
 
 
 def eager_attention_forward(
@@ -229,9 +234,10 @@ class RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, attention_mask, scaling):
         query = query * scaling
+        key, value = key.contiguous(), value.contiguous()  # heads split from one projection: copied once, not per use
         ctx.save_for_backward(query, key, value, attention_mask)
         output = query.new_empty(*query.shape[:-1], value.shape[-1])  # (B, H, Lq, Dv)
-        for batch, mask in _batch_slices(query, key, attention_mask):
+        for batch, mask in _batch_slices(len(query), query[0].shape[:-1].numel() * key.shape[2], attention_mask):
             torch.matmul(attention_probabilities(query[batch], key[batch], mask), value[batch], out=output[batch])
         ctx.scaling = scaling
         return output
@@ -240,7 +246,7 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, attention_mask = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for batch, mask in _batch_slices(query, key, attention_mask):
+        for batch, mask in _batch_slices(len(query), query[0].shape[:-1].numel() * key.shape[2], attention_mask):
             probs = attention_probabilities(query[batch], key[batch], mask)  # (b, H, Lq, Lk)
             grad = grad_output[batch]  # (b, H, Lq, Dv)
             torch.matmul(probs.transpose(-1, -2), grad, out=grad_value[batch])
@@ -251,10 +257,9 @@ class RecomputedAttention(torch.autograd.Function):
         return grad_query.mul_(ctx.scaling), grad_key, grad_value, None, None
 
 
-def _batch_slices(query, key, attention_mask):
-    """Slices of the batch whose `(b, H, Lq, Lk)` scores fit `RecomputedAttention.SCORES_BUDGET`, with their masks."""
-    batch_size, num_heads, query_length = query.shape[:3]
-    step = max(1, RecomputedAttention.SCORES_BUDGET // (num_heads * query_length * key.shape[2]))
+def _batch_slices(batch_size: int, scores_per_sample: int, attention_mask):
+    """Slices of the batch whose scores fit `RecomputedAttention.SCORES_BUDGET`, with their masks."""
+    step = max(1, RecomputedAttention.SCORES_BUDGET // scores_per_sample)
     for start in range(0, batch_size, step):
         batch = slice(start, start + step)
         yield batch, None if attention_mask is None else attention_mask.expand(batch_size, *attention_mask.shape[1:])[batch]
@@ -266,9 +271,126 @@ def recomputed_attention_forward(module, query, key, value, attention_mask, scal
     return attn_output.transpose(1, 2).contiguous(), None  # (B, Lq, H, D)
 
 
+class SharedQueryAttention(torch.autograd.Function):
+    """Attention of a query shared by every sample (the latents before their first cross-attend) to keys in the factored
+    form of `FactoredProjection`, `K_b = X_b W_x^T + r_b * (P W_p^T) + c` with the positions `P` shared by the batch:
+
+        Q K_b^T = (Q W_x) X_b^T + r_b * ((Q W_p) P^T) + (Q c) 1^T
+
+    `(Q W_p) P^T`, as costly as one sample's `Q K^T`, is computed once for the whole batch, and `(Q W_x) X_b^T` has only
+    `C + 1` terms per score, so the scores of `B` samples cost about one product instead of `B` (the backward likewise
+    for the gradients of the query and keys). The last term is constant along each row and drops out of the softmax:
+    the key bias `c` gets a zero gradient (it is an input for that alone: every parameter gets a gradient, as
+    distributed data parallel expects). Like `RecomputedAttention` it keeps nothing of size `(Lq, Lk)` for the backward
+    pass, and works through blocks of query rows and samples whose scores fit `SCORES_BUDGET`.
+
+    Inputs: `query_data` `(H, N, C + 1)` and `query_positions` `(H, N, F)`, the scaled query times `W_x` and `W_p`;
+    `data` `(B, M, C + 1)`, `positions` `(M, F)`, `rstd` `(B, M)` and `key_bias`; `value` `(B, H, M, Dv)`; a key padding
+    `attention_mask` `(B, 1, 1, M)` or None. Output `(B, H, N, Dv)`.
+    """
+
+    @staticmethod
+    def forward(ctx, query_data, query_positions, data, positions, rstd, key_bias, value, attention_mask):
+        ctx.save_for_backward(query_data, query_positions, data, positions, rstd, value, attention_mask)
+        ctx.key_bias_meta = key_bias.shape, key_bias.dtype
+        output = value.new_empty(len(value), *query_data.shape[:2], value.shape[-1])  # (B, H, N, Dv)
+        probabilities = SharedQueryAttention.probabilities
+        blocks = SharedQueryAttention.blocks(query_positions, positions, attention_mask, len(value))
+        for rows, shared_scores, batch, mask in blocks:
+            probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
+            output[batch, :, rows] = probs @ value[batch]  # (b, H, n, Dv)
+        return output
+
+    @staticmethod
+    def blocks(query_positions, positions, attention_mask, batch_size):
+        """Query rows with their shared scores `(H, n, M)`, then slices of the batch with their masks."""
+        num_heads, num_rows = query_positions.shape[:2]
+        step = max(1, RecomputedAttention.SCORES_BUDGET // (num_heads * len(positions)))
+        for start in range(0, num_rows, step):
+            rows = slice(start, start + step)
+            shared_scores = query_positions[:, rows] @ positions.T  # (H, n, M)
+            for batch, mask in _batch_slices(batch_size, shared_scores.numel(), attention_mask):
+                yield rows, shared_scores, batch, mask
+
+    @staticmethod
+    def probabilities(query_data, shared_scores, data, rstd, attention_mask):
+        scores = torch.matmul(query_data, data[:, None].transpose(-1, -2))  # (b, H, n, M)
+        return masked_softmax(scores.addcmul_(shared_scores, rstd[:, None, None, :]), attention_mask)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        query_data, query_positions, data, positions, rstd, value, attention_mask = ctx.saved_tensors
+        needs_data, needs_positions, needs_rstd = (ctx.needs_input_grad[i] for i in (2, 3, 4))
+        accumulate = torch.promote_types(query_data.dtype, torch.float32)  # sums over the batch in float32 at least
+        grad_query_data = torch.zeros(query_data.shape, dtype=accumulate, device=query_data.device)
+        grad_query_positions = torch.empty_like(query_positions)
+        grad_positions = torch.zeros_like(positions) if needs_positions else None
+        grad_data = torch.zeros_like(data) if needs_data else None
+        grad_rstd = torch.zeros_like(rstd) if needs_rstd else None
+        grad_value = torch.zeros_like(value)
+        probabilities, grad_shared = SharedQueryAttention.probabilities, None
+        blocks = SharedQueryAttention.blocks(query_positions, positions, attention_mask, len(value))
+        for rows, shared_scores, batch, mask in blocks:
+            if batch.start == 0:  # a new block of rows: its shared scores' gradient sums over the batch
+                grad_shared = torch.zeros(shared_scores.shape, dtype=accumulate, device=shared_scores.device)
+            probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
+            grad = grad_output[batch, :, rows]  # (b, H, n, Dv)
+            grad_value[batch] += probs.transpose(-1, -2) @ grad
+            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, M)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_query_data[:, rows] += torch.matmul(grad_scores, data[batch, None]).sum(0)  # (H, n, C + 1)
+            for sample_grad, sample_rstd in zip(grad_scores, rstd[batch]):
+                grad_shared.addcmul_(sample_grad, sample_rstd)  # (H, n, M)
+            if needs_data:
+                grad_data[batch] += (grad_scores.transpose(-1, -2) @ query_data[:, rows]).sum(1)  # (b, M, C + 1)
+            if needs_rstd:
+                grad_rstd[batch] += (grad_scores * shared_scores).sum((1, 2))  # (b, M)
+            if batch.stop >= len(value):  # the block of rows is complete
+                grad_shared = grad_shared.to(query_positions.dtype)
+                grad_query_positions[:, rows] = grad_shared @ positions  # (H, n, F)
+                if needs_positions:
+                    grad_positions += (grad_shared.transpose(-1, -2) @ query_positions[:, rows]).sum(0)  # (M, F)
+        grad_key_bias = torch.zeros(ctx.key_bias_meta[0], dtype=ctx.key_bias_meta[1], device=value.device)
+        return (
+            grad_query_data.to(query_data.dtype),
+            grad_query_positions,
+            grad_data,
+            grad_positions,
+            grad_rstd,
+            grad_key_bias,
+            grad_value,
+            None,
+        )
+
+
+@dataclasses.dataclass
+class FactoredProjection:
+    """`linear(norm(cat([data, positions], -1)))` in the factored form of `norm_and_project_concatenation`:
+    `data @ weight_data.T + rstd * (positions @ weight_positions.T) + bias`, with `data` `(B, M, C + 1)` (normalised,
+    `rstd` applied), `positions` `(M, F)` or `(B, M, F)` (centred), `rstd` `(B, M, 1)`. `materialize()` computes the
+    projection `(B, M, out)`."""
+
+    data: torch.Tensor
+    positions: torch.Tensor
+    rstd: torch.Tensor
+    weight_data: torch.Tensor
+    weight_positions: torch.Tensor
+    bias: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        weight_data = self.weight_data.T.expand(len(self.data), -1, -1)  # (B, C + 1, out)
+        projected = torch.baddbmm(self.bias, self.data, weight_data)  # (B, M, out)
+        positions = self.positions @ self.weight_positions.T  # (M, out) or (B, M, out)
+        return torch.addcmul(projected, positions, self.rstd.to(projected.dtype))
+
+
 def norm_and_project_concatenation(
-    data: torch.Tensor, positions: torch.Tensor, norm: nn.LayerNorm | None, linears: list[nn.Linear]
-) -> list[torch.Tensor]:
+    data: torch.Tensor,
+    positions: torch.Tensor,
+    norm: nn.LayerNorm | None,
+    linears: list[nn.Linear],
+    factored: bool = False,
+) -> list[torch.Tensor] | list[FactoredProjection]:
     """`[linear(norm(cat([data, positions], -1))) for linear in linears]`, exactly, without building the concatenation.
 
     `data` is `(B, M, C)` and `positions` `(M, F)` (the same for every sample) or `(B, M, F)`. The norm's statistics of
@@ -279,7 +401,8 @@ def norm_and_project_concatenation(
         rstd * [x_d - mean_d, mean_p - mean_d] [W_d, h]^T + rstd * (x_p - mean_p) W_p^T + (W beta + b)
 
     with `h = (C W_p gamma_p - F W_d gamma_d) 1 / (C + F)`. The position part is one `(M, F)` matmul shared by the batch
-    instead of `B` of them, which cuts the FLOPs by about `C / (C + F)` and never materialises `(B, M, C + F)`.
+    instead of `B` of them, which cuts the FLOPs by about `C / (C + F)` and never materialises `(B, M, C + F)`. With
+    `factored` (and a norm) the projections come unevaluated, as `FactoredProjection`s.
     """
     batch_size, channels, num_positions = data.shape[0], data.shape[-1], positions.shape[-1]
     width = channels + num_positions
@@ -304,16 +427,21 @@ def norm_and_project_concatenation(
     data = (torch.cat([data, delta], dim=-1) * rstd).to(dtype)  # (B, M, C + 1), normalised: in range in any dtype
     positions = positions.to(dtype)
 
-    outputs = []
+    factors = []
     for linear in linears:
         weight_data = linear.weight[:, :channels] * norm.weight[:channels]  # (out, C)
         weight_positions = linear.weight[:, channels:] * norm.weight[channels:]  # (out, F)
         mean_correction = (channels * weight_positions.sum(-1) - num_positions * weight_data.sum(-1)) / width
         weight_data = torch.cat([weight_data, mean_correction[:, None]], dim=-1)  # (out, C + 1)
         bias = linear.bias + linear.weight @ norm.bias
-        projected = torch.baddbmm(bias, data, weight_data.T.expand(batch_size, -1, -1))  # (B, M, out)
-        outputs.append(torch.addcmul(projected, positions @ weight_positions.T, rstd.to(projected.dtype)))
-    return outputs
+        factors.append(FactoredProjection(data, positions, rstd, weight_data, weight_positions, bias))
+    return factors if factored else [projection.materialize() for projection in factors]
+
+
+def _batch_shared(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is one sample expanded along the batch (stride 0), as the latents before their first
+    cross-attend: what is computed per sample then needs computing only once."""
+    return tensor.dim() > 1 and len(tensor) > 1 and tensor.stride(0) == 0
 
 
 def _hooked(*modules) -> bool:
@@ -344,42 +472,54 @@ class PerceiverLiteAttention(nn.Module):
 
     def project_key_value(
         self, key_value_states: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | FactoredProjection, torch.Tensor]:
         """Keys and values `(B, H, Lk, D)` from `(B, Lk, kv_dim)`; reusable by every call that attends to the same states.
 
         With `positions` (`(Lk, F)` shared by the batch, or `(B, Lk, F)`), `key_value_states` holds only the data channels
         `(B, Lk, kv_dim - F)` and the result is that of their concatenation, computed without building it
-        (`norm_and_project_concatenation`).
+        (`norm_and_project_concatenation`); the keys then come as a `FactoredProjection`, which `forward` evaluates, or
+        uses as such for a query shared by the batch (`SharedQueryAttention`).
         """
         if positions is not None and not _hooked(self.k_proj, self.v_proj, self.kv_norm):
-            key, value = norm_and_project_concatenation(key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj])
-        else:
-            if positions is not None:
-                positions = positions.expand(*key_value_states.shape[:-1], positions.shape[-1])  # (B, Lk, F)
-                key_value_states = torch.cat([key_value_states, positions], dim=-1)  # (B, Lk, kv_dim)
-            if self.kv_norm is not None:
-                key_value_states = self.kv_norm(key_value_states)
-            key, value = self.k_proj(key_value_states), self.v_proj(key_value_states)
-        hidden_shape = (*key.shape[:-1], self.num_heads, self.head_dim)
-        return key.view(hidden_shape).transpose(1, 2), value.view(hidden_shape).transpose(1, 2)  # (B, H, Lk, D)
+            key, value = norm_and_project_concatenation(
+                key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj], factored=True
+            )
+            value = self._split_heads(value.materialize() if isinstance(value, FactoredProjection) else value)
+            return key if isinstance(key, FactoredProjection) else self._split_heads(key), value
+        if positions is not None:
+            positions = positions.expand(*key_value_states.shape[:-1], positions.shape[-1])  # (B, Lk, F)
+            key_value_states = torch.cat([key_value_states, positions], dim=-1)  # (B, Lk, kv_dim)
+        if self.kv_norm is not None:
+            key_value_states = self.kv_norm(key_value_states)
+        return self._split_heads(self.k_proj(key_value_states)), self._split_heads(self.v_proj(key_value_states))
+
+    def key_tensor(self, key: torch.Tensor | FactoredProjection) -> torch.Tensor:
+        """`key` `(B, H, Lk, D)` as a tensor, from a `FactoredProjection` `(B, Lk, H * D)` if need be."""
+        return self._split_heads(key.materialize()) if isinstance(key, FactoredProjection) else key
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:-1], -1, self.head_dim).transpose(-3, -2)  # (..., H, L, D)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        key: torch.Tensor | None = None,
+        key: torch.Tensor | FactoredProjection | None = None,
         value: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if isinstance(key, FactoredProjection):
+            if self._shares_query(hidden_states, key):
+                return self._shared_query_attention(hidden_states[0], key, value, attention_mask), None
+            key = self.key_tensor(key)
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
         if key is None and not _hooked(self.q_proj, self.k_proj, self.v_proj):  # self-attention: one product
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 H D, dim)
             bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-            states = nn.functional.linear(hidden_states, weight, bias).view(hidden_shape).transpose(1, 2)  # (B, 3 H, L, D)
+            states = self._split_heads(nn.functional.linear(hidden_states, weight, bias))  # (B, 3 H, L, D)
             query, key, value = states.chunk(3, dim=1)  # (B, H, L, D) each
         else:
-            query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, Lq, D)
+            query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Lq, D)
             if key is None:
                 key, value = self.project_key_value(hidden_states)
 
@@ -400,6 +540,27 @@ class PerceiverLiteAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1)  # (B, Lq, H * D)
         return self.o_proj(attn_output), attn_weights
+
+    def _shared_query_attention(self, hidden_states, key: FactoredProjection, value, attention_mask) -> torch.Tensor:
+        """`forward` for one sample's `hidden_states` `(N, dim)` shared by the batch; see `SharedQueryAttention`."""
+        query = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # (H, N, D)
+        weight_data = key.weight_data.view(self.num_heads, self.head_dim, -1)  # (H, D, C + 1)
+        weight_positions = key.weight_positions.view(self.num_heads, self.head_dim, -1)  # (H, D, F)
+        query_data, query_positions = query @ weight_data, query @ weight_positions  # (H, N, C + 1), (H, N, F)
+        data, positions, rstd = (t.to(query_data.dtype) for t in (key.data, key.positions, key.rstd[..., 0]))
+        attn_output = SharedQueryAttention.apply(
+            query_data, query_positions, data, positions, rstd, key.bias, value, attention_mask
+        )
+        attn_output = attn_output.transpose(1, 2).flatten(2)  # (B, N, H * D)
+        return self.o_proj(attn_output)
+
+    def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
+        """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
+        along it), position features shared by the batch, on the sdpa path on the CPU (elsewhere torch's fused kernels
+        are kept; see `_prefers_matmul_attention`) and without attention dropout."""
+        no_dropout = not (self.training and self.attention_dropout > 0)
+        on_cpu_sdpa = self.config._attn_implementation == "sdpa" and hidden_states.device.type == "cpu"
+        return _batch_shared(hidden_states) and key.positions.dim() == 2 and on_cpu_sdpa and no_dropout
 
     def _prefers_matmul_attention(self, query: torch.Tensor) -> bool:
         """On the sdpa path, half precision on the CPU runs faster through `RecomputedAttention` (same memory: nothing
@@ -466,7 +627,9 @@ class PerceiverLiteLayer(GradientCheckpointingLayer):
 
     def _sublayer(self, norm: nn.LayerNorm, sublayer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
         residual = hidden_states
-        if self.pre_norm:
+        if self.pre_norm and _batch_shared(hidden_states):  # the latents before their first cross-attend
+            hidden_states = norm(hidden_states[:1]).expand_as(hidden_states)
+        elif self.pre_norm:
             hidden_states = norm(hidden_states)
         hidden_states = sublayer(hidden_states, *args, **kwargs)
         if isinstance(hidden_states, tuple):  # attention: (output, weights)
@@ -705,13 +868,17 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         if attention_mask is not None:
             attention_mask = _key_padding_mask(attention_mask)  # (B, 1, 1, M)
 
-        latents = self.latents.expand(inputs_embeds.shape[0], -1, -1)  # (B, N, dim)
+        latents = self.latents.expand(inputs_embeds.shape[0], -1, -1)  # (B, N, dim), one query for the batch
+        checkpointing = self.is_activation_checkpointing and self.training  # checkpoints track only tensor arguments
         key_values = {}
-        for index in self.config.layers_indice:
+        for step, index in enumerate(self.config.layers_indice):
             block = self.blocks[index]
             if index not in key_values:  # repeats of a block attend to the same keys and values
                 key_values[index] = block.project_inputs(inputs_embeds, positions)
-            latents = block(latents, *key_values[index], attention_mask, **kwargs)
+            key, value = key_values[index]
+            if step > 0 or checkpointing:  # factored keys serve the batch-shared query of the first cross-attend
+                key_values[index] = key, value = block.cross_layer.cross_attention.key_tensor(key), value
+            latents = block(latents, key, value, attention_mask, **kwargs)
 
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))
 

@@ -366,6 +366,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         return train(*parse_arguments(args))
     except UsageError as error:
         raise SystemExit(f"train.py: error: {error}") from None
+    finally:
+        if torch.distributed.is_initialized():  # under torchrun: a process group left to exit can abort the process
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -378,7 +378,8 @@ def assert_same_outputs_and_gradients(first, second, atol=ATOL):
     torch.testing.assert_close(input_grad1, input_grad2, rtol=0, atol=atol)
     assert grads1.keys() == grads2.keys()
     for name in grads1:
-        assert grads1[name].abs().sum() > 0, f"{name} got no gradient"
+        if not name.endswith("k_proj.bias"):  # shifts each row of scores by a constant: its true gradient is 0
+            assert grads1[name].abs().sum() > 0, f"{name} got no gradient"
         torch.testing.assert_close(grads1[name], grads2[name], rtol=1e-4, atol=atol, msg=name)
 
 
@@ -404,12 +405,21 @@ def test_default_attention_is_sdpa(model_tester):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
-@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
-def test_gradient_checkpointing(model_tester, enable):
+@pytest.mark.parametrize(
+    "enable, kwargs",
+    [
+        ("gradient_checkpointing_enable", {}),
+        ("gradient_checkpointing_enable", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}),
+        ("activation_checkpointing_enable", {}),
+    ],
+    ids=["gradient_checkpointing_enable", "reentrant", "activation_checkpointing_enable"],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_gradient_checkpointing(model_tester, enable, kwargs, masked):
     config = model_tester.get_config()
     reference = make_model(config).train()  # dropout is 0: training mode is deterministic
     checkpointed = make_model(config, state_dict=reference.state_dict()).train()
-    getattr(checkpointed, enable)()
+    getattr(checkpointed, enable)(**kwargs)
     assert checkpointed.is_activation_checkpointing
 
     # with checkpointing, each layer's forward (here its feed-forward) runs again during the backward pass
@@ -418,8 +428,10 @@ def test_gradient_checkpointing(model_tester, enable):
     calls = []
     layer.mlp.register_forward_pre_hook(lambda *args: calls.append("mlp"))
     inputs = model_tester.prepare_inputs()
-    mask = torch.ones(3, 8, 8)
-    mask[1, 4:] = 0
+    mask = None
+    if masked:
+        mask = torch.ones(3, 8, 8)
+        mask[1, 4:] = 0
     assert_same_outputs_and_gradients(
         outputs_and_gradients(reference, inputs, mask), outputs_and_gradients(checkpointed, inputs, mask)
     )

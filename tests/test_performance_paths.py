@@ -10,6 +10,7 @@ from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
     PerceiverLiteAttention,
     RecomputedAttention,
+    SharedQueryAttention,
     eager_attention_forward,
     norm_and_project_concatenation,
 )
@@ -72,7 +73,9 @@ def test_key_values_computed_once_per_unique_block(model_tester, monkeypatch):
     for block in model.blocks:
         block.cross_layer.cross_attention.k_proj.register_forward_pre_hook(lambda *_: calls.append("inputs_embeds"))
     split_projection = modeling.norm_and_project_concatenation
-    monkeypatch.setattr(modeling, "norm_and_project_concatenation", lambda *a: calls.append("split") or split_projection(*a))
+    monkeypatch.setattr(
+        modeling, "norm_and_project_concatenation", lambda *a, **k: calls.append("split") or split_projection(*a, **k)
+    )
     model(inputs)
     assert calls == ["split"] * 2  # two unique blocks, four cross-attends
     calls.clear()
@@ -198,3 +201,70 @@ def test_self_attention_single_product_matches_separate_projections(model_tester
     context, _ = eager_attention_forward(attention, query, key, value, None, scaling=attention.scaling)
     expected = attention.o_proj(context.reshape(2, 6, -1))
     torch.testing.assert_close(attention(hidden_states)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scores_budget", [1, 30, 100, 1 << 22], ids=["one-row-one-sample", "two-rows", "all-rows-one-sample", "whole-batch"]
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_shared_query_attention_matches_materialized_keys(masked, scores_budget, monkeypatch):
+    """`SharedQueryAttention` equals softmax attention of the shared query to the materialised keys of a
+    `FactoredProjection`, forward and backward (float64 gradcheck for every input, and float32 against the eager
+    function with the key bias included), whatever blocks of query rows and samples it runs in."""
+    monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", scores_budget)
+    batch_size, heads, num_latents, length, head_dim, channels, num_positions = 3, 2, 5, 7, 4, 3, 6
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).requires_grad_()
+
+    query = tensor(heads, num_latents, head_dim)
+    key = modeling.FactoredProjection(
+        data=tensor(batch_size, length, channels + 1),
+        positions=tensor(length, num_positions),
+        rstd=(torch.rand(batch_size, length, 1, generator=generator, dtype=torch.float64) + 0.5).requires_grad_(),
+        weight_data=tensor(heads * head_dim, channels + 1, scale=0.5),
+        weight_positions=tensor(heads * head_dim, num_positions, scale=0.5),
+        bias=tensor(heads * head_dim),
+    )
+    value = tensor(batch_size, heads, length, head_dim)
+    mask = None
+    if masked:
+        mask = torch.rand(batch_size, 1, 1, length, generator=generator) > 0.4
+        mask[..., 0] = True
+
+    def shared(query, data, positions, rstd, weight_data, weight_positions, bias, value):
+        query_data = query @ weight_data.view(heads, head_dim, -1)  # (H, N, C + 1)
+        query_positions = query @ weight_positions.view(heads, head_dim, -1)  # (H, N, F)
+        return SharedQueryAttention.apply(query_data, query_positions, data, positions, rstd[..., 0], bias, value, mask)
+
+    def materialized(query, data, positions, rstd, weight_data, weight_positions, bias, value):
+        keys = modeling.FactoredProjection(data, positions, rstd, weight_data, weight_positions, bias).materialize()
+        keys = keys.view(batch_size, length, heads, head_dim).transpose(1, 2)  # (B, H, M, D)
+        module = nn.Module()  # eager_attention_forward only reads `training`
+        output, _ = eager_attention_forward(module, query.expand(batch_size, -1, -1, -1), keys, value, mask, scaling=1.0)
+        return output.transpose(1, 2)  # (B, H, N, D)
+
+    inputs = (query, key.data, key.positions, key.rstd, key.weight_data, key.weight_positions, key.bias, value)
+    assert torch.autograd.gradcheck(shared, inputs)
+    torch.testing.assert_close(shared(*inputs), materialized(*inputs))
+    upstream = torch.randn(batch_size, heads, num_latents, head_dim, dtype=torch.float64, generator=generator)
+    fast = torch.autograd.grad(shared(*inputs), inputs, upstream)
+    slow = torch.autograd.grad(materialized(*inputs), inputs, upstream)
+    for name, a, b in zip(["query", "data", "positions", "rstd", "weight_data", "weight_positions", "bias", "value"], fast, slow):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["shared-positions", "per-sample-positions"])
+def test_only_the_first_cross_attend_shares_its_query(model_tester, masked, monkeypatch):
+    """The latents are the same for every sample until their first cross-attend: that one (and only that one) runs as
+    `SharedQueryAttention` on the CPU sdpa path, unless the position features differ per sample (padding)."""
+    model = make_model(model_tester.get_config(layers_indice=[0, 0, 1]))
+    calls = []
+    apply = SharedQueryAttention.apply
+    monkeypatch.setattr(SharedQueryAttention, "apply", lambda *args: calls.append(args[-2].shape) or apply(*args))
+    model(model_tester.prepare_inputs(), attention_mask=padding_mask() if masked else None)
+    assert len(calls) == (0 if masked else 1)
+    model.set_attn_implementation("eager")
+    model(model_tester.prepare_inputs())
+    assert len(calls) == (0 if masked else 1)
