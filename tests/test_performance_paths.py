@@ -165,6 +165,12 @@ def test_torch_compile_matches_eager_mode(model_tester):
     torch.testing.assert_close(compiled(inputs * 2).last_hidden_state, model(inputs * 2).last_hidden_state,
                                rtol=1e-4, atol=1e-5)  # fmt: skip
 
+    model.train()  # training: the same gradients through the compiled custom autograd functions
+    expected = gradients(model, model(inputs).last_hidden_state)
+    output = gradients(model, compiled(inputs).last_hidden_state)
+    for name in expected:
+        torch.testing.assert_close(output[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
 
 @pytest.mark.parametrize("scores_budget", [1, 1 << 22], ids=["one-element-slices", "whole-batch"])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
