@@ -223,11 +223,11 @@ def eager_attention_forward(
 
 class RecomputedAttention(torch.autograd.Function):
     """Softmax attention through plain batched matmuls that keeps nothing of size `(Lq, Lk)` for the backward pass: it
-    saves the queries, keys and values and recomputes the probabilities there, a slice of the batch at a time, so its
-    transient memory stays under `SCORES_BUDGET` scores. On the CPU in half precision this is faster than torch's fused
-    attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's blocks do
-    not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay in the
-    inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
+    saves the queries, keys and values and recomputes the probabilities there, a block of query rows and samples at a
+    time, so its transient memory stays under `SCORES_BUDGET` scores. On the CPU in half precision this is faster than
+    torch's fused attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's
+    blocks do not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay
+    in the inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
 
     SCORES_BUDGET = 1 << 22
 
@@ -237,8 +237,9 @@ class RecomputedAttention(torch.autograd.Function):
         key, value = key.contiguous(), value.contiguous()  # heads split from one projection: copied once, not per use
         ctx.save_for_backward(query, key, value, attention_mask)
         output = query.new_empty(*query.shape[:-1], value.shape[-1])  # (B, H, Lq, Dv)
-        for batch, mask in _batch_slices(len(query), query[0].shape[:-1].numel() * key.shape[2], attention_mask):
-            torch.matmul(attention_probabilities(query[batch], key[batch], mask), value[batch], out=output[batch])
+        for rows, batch, mask in _score_blocks(*query.shape[:3], key.shape[2], attention_mask):
+            probs = attention_probabilities(query[batch, :, rows], key[batch], mask)  # (b, H, n, Lk)
+            _matmul_into(output[batch, :, rows], probs, value[batch])
         ctx.scaling = scaling
         return output
 
@@ -246,23 +247,43 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key, value, attention_mask = ctx.saved_tensors
         grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for batch, mask in _batch_slices(len(query), query[0].shape[:-1].numel() * key.shape[2], attention_mask):
-            probs = attention_probabilities(query[batch], key[batch], mask)  # (b, H, Lq, Lk)
-            grad = grad_output[batch]  # (b, H, Lq, Dv)
-            torch.matmul(probs.transpose(-1, -2), grad, out=grad_value[batch])
-            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, Lq, Lk)
+        for rows, batch, mask in _score_blocks(*query.shape[:3], key.shape[2], attention_mask):
+            query_block, grad = query[batch, :, rows], grad_output[batch, :, rows]  # (b, H, n, D), (b, H, n, Dv)
+            probs = attention_probabilities(query_block, key[batch], mask)  # (b, H, n, Lk)
+            later_rows = rows.start > 0  # the keys' and values' gradients sum over the blocks of rows
+            _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=later_rows)
+            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, Lk)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            torch.matmul(grad_scores, key[batch], out=grad_query[batch])
-            torch.matmul(grad_scores.transpose(-1, -2), query[batch], out=grad_key[batch])
+            _matmul_into(grad_query[batch, :, rows], grad_scores, key[batch])
+            _matmul_into(grad_key[batch], grad_scores.transpose(-1, -2), query_block, accumulate=later_rows)
         return grad_query.mul_(ctx.scaling), grad_key, grad_value, None, None
 
 
-def _batch_slices(batch_size: int, scores_per_sample: int, attention_mask):
-    """Slices of the batch whose scores fit `RecomputedAttention.SCORES_BUDGET`, with their masks."""
-    step = max(1, RecomputedAttention.SCORES_BUDGET // scores_per_sample)
-    for start in range(0, batch_size, step):
-        batch = slice(start, start + step)
-        yield batch, None if attention_mask is None else attention_mask.expand(batch_size, *attention_mask.shape[1:])[batch]
+def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False):
+    """`out = a @ b`, written in place where `out` is contiguous, or `out += a @ b`."""
+    if accumulate:
+        out += a @ b
+    elif out.is_contiguous():
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def _score_blocks(batch_size: int, num_heads: int, num_rows: int, num_keys: int, attention_mask):
+    """Blocks of query rows, then slices of the batch, whose `(b, H, n, Lk)` scores fit `RecomputedAttention.
+    SCORES_BUDGET`, with their masks: `(rows, batch, mask)`."""
+    row_scores = num_heads * num_keys
+    row_step = max(1, min(num_rows, RecomputedAttention.SCORES_BUDGET // row_scores))
+    batch_step = max(1, RecomputedAttention.SCORES_BUDGET // (row_scores * row_step))
+    for row_start in range(0, num_rows, row_step):
+        rows = slice(row_start, row_start + row_step)
+        for batch_start in range(0, batch_size, batch_step):
+            batch = slice(batch_start, batch_start + batch_step)
+            if attention_mask is None:
+                yield rows, batch, None
+                continue
+            mask = attention_mask.expand(batch_size, *attention_mask.shape[1:])[batch]  # (b, 1, 1 or Lq, Lk)
+            yield rows, batch, mask[:, :, rows] if mask.shape[2] > 1 else mask
 
 
 def recomputed_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -295,22 +316,20 @@ class SharedQueryAttention(torch.autograd.Function):
         ctx.key_bias_meta = key_bias.shape, key_bias.dtype
         output = value.new_empty(len(value), *query_data.shape[:2], value.shape[-1])  # (B, H, N, Dv)
         probabilities = SharedQueryAttention.probabilities
-        blocks = SharedQueryAttention.blocks(query_positions, positions, attention_mask, len(value))
+        blocks = SharedQueryAttention.blocks(query_positions, positions, len(value), attention_mask)
         for rows, shared_scores, batch, mask in blocks:
             probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
-            output[batch, :, rows] = probs @ value[batch]  # (b, H, n, Dv)
+            _matmul_into(output[batch, :, rows], probs, value[batch])  # (b, H, n, Dv)
         return output
 
     @staticmethod
-    def blocks(query_positions, positions, attention_mask, batch_size):
-        """Query rows with their shared scores `(H, n, M)`, then slices of the batch with their masks."""
-        num_heads, num_rows = query_positions.shape[:2]
-        step = max(1, RecomputedAttention.SCORES_BUDGET // (num_heads * len(positions)))
-        for start in range(0, num_rows, step):
-            rows = slice(start, start + step)
-            shared_scores = query_positions[:, rows] @ positions.T  # (H, n, M)
-            for batch, mask in _batch_slices(batch_size, shared_scores.numel(), attention_mask):
-                yield rows, shared_scores, batch, mask
+    def blocks(query_positions, positions, batch_size, attention_mask):
+        """`_score_blocks` with the shared scores `(H, n, M)` of each block of query rows."""
+        shared_scores = None
+        for rows, batch, mask in _score_blocks(batch_size, *query_positions.shape[:2], len(positions), attention_mask):
+            if batch.start == 0:
+                shared_scores = query_positions[:, rows] @ positions.T  # (H, n, M)
+            yield rows, shared_scores, batch, mask
 
     @staticmethod
     def probabilities(query_data, shared_scores, data, rstd, attention_mask):
@@ -327,15 +346,15 @@ class SharedQueryAttention(torch.autograd.Function):
         grad_positions = torch.zeros_like(positions) if needs_positions else None
         grad_data = torch.zeros_like(data) if needs_data else None
         grad_rstd = torch.zeros_like(rstd) if needs_rstd else None
-        grad_value = torch.zeros_like(value)
+        grad_value = torch.empty_like(value)
         probabilities, grad_shared = SharedQueryAttention.probabilities, None
-        blocks = SharedQueryAttention.blocks(query_positions, positions, attention_mask, len(value))
+        blocks = SharedQueryAttention.blocks(query_positions, positions, len(value), attention_mask)
         for rows, shared_scores, batch, mask in blocks:
             if batch.start == 0:  # a new block of rows: its shared scores' gradient sums over the batch
                 grad_shared = torch.zeros(shared_scores.shape, dtype=accumulate, device=shared_scores.device)
             probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
             grad = grad_output[batch, :, rows]  # (b, H, n, Dv)
-            grad_value[batch] += probs.transpose(-1, -2) @ grad
+            _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=rows.start > 0)
             grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, M)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
             grad_query_data[:, rows] += torch.matmul(grad_scores, data[batch, None]).sum(0)  # (H, n, C + 1)

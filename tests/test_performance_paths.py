@@ -172,18 +172,21 @@ def test_torch_compile_matches_eager_mode(model_tester):
         torch.testing.assert_close(output[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("scores_budget", [1, 1 << 22], ids=["one-element-slices", "whole-batch"])
-@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
-def test_recomputed_attention_matches_eager(masked, scores_budget, monkeypatch):
+@pytest.mark.parametrize(
+    "scores_budget", [1, 30, 80, 1 << 22], ids=["one-row-one-sample", "two-rows", "all-rows-one-sample", "whole-batch"]
+)
+@pytest.mark.parametrize("mask_rows", [None, 1, 5], ids=["unmasked", "key-padding-mask", "per-row-mask"])
+def test_recomputed_attention_matches_eager(mask_rows, scores_budget, monkeypatch):
     """`RecomputedAttention` (the sdpa path in half precision on the CPU) equals matmul-softmax attention, forward and
-    backward (float64 gradcheck, and float32 against the eager function), whatever slices of the batch it runs in."""
+    backward (float64 gradcheck, and float32 against the eager function), whatever blocks of query rows and samples it
+    runs in."""
     monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", scores_budget)
     query = torch.randn(3, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     key = torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True)
     value = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=True)
     mask = None
-    if masked:
-        mask = torch.rand(3, 1, 1, 7) > 0.4
+    if mask_rows:
+        mask = torch.rand(3, 1, mask_rows, 7) > 0.4
         mask[..., 0] = True
     assert torch.autograd.gradcheck(lambda q, k, v: RecomputedAttention.apply(q, k, v, mask, 0.5), (query, key, value))
 
