@@ -853,6 +853,7 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
     order. Returns the latents (`last_hidden_state`, `(B, N, dim)`) and their mean (`pooler_output`, `(B, dim)`)."""
 
     def __init__(self, config: PerceiverLiteConfig):
+        config._validate()  # again: fields may have been set one by one since construction (`cross_kv_dim` stale)
         super().__init__(config)
         self.embeddings = PerceiverLiteEmbeddings(config)
         self.latents = nn.Parameter(torch.empty(config.num_latent_tokens, config.dim))

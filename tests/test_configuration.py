@@ -235,3 +235,15 @@ def test_valid_edge_configs(kwargs):
     config = PerceiverLiteConfig(**kwargs)
     for name, value in kwargs.items():
         assert getattr(config, name) == value
+
+
+@pytest.mark.parametrize("change", [dict(num_bands=4), dict(data_shape=[1, 8, 8]), dict(heads=5)])
+def test_config_changed_after_construction_is_validated_when_a_model_is_built(change):
+    """A config edited field by field after construction (where `cross_kv_dim`, derived at construction, goes stale)
+    is validated again by the model, with the same error naming the field, before any weight is built."""
+    config = PerceiverLiteConfig(data_shape=[3, 8, 8], num_bands=6, dim=32, heads=4, cross_heads=1)
+    for name, value in change.items():
+        setattr(config, name, value)
+    field = "dim" if "heads" in change else "cross_kv_dim"
+    with pytest.raises(ValueError, match=rf"`{field}`"):
+        PerceiverLiteModel(config)
