@@ -737,7 +737,9 @@ class PerceiverLayer(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         mask = self._check_inputs(q, k, v, mask)
-        context = torch.cat([k, v], dim=1)  # (B, Lk + Lv, dim)
+        dtype = self.layers[0].mlp.fc1.weight.dtype  # inputs of another float dtype run in the weights', as the model's
+        q = q.to(dtype)
+        context = torch.cat([k, v], dim=1).to(dtype)  # (B, Lk + Lv, dim)
         for layer in self.layers:
             key, value = layer.cross_attention.project_key_value(context)
             q = layer(q, key, value, mask)
@@ -745,8 +747,9 @@ class PerceiverLayer(nn.Module):
 
     def _check_inputs(self, q, k, v, mask):
         dim = self.config.dim
+        dtype = self.layers[0].mlp.fc1.weight.dtype
         for name, tensor in (("q", q), ("k", k), ("v", v)):
-            _check_tensor(name, tensor, f"[B, L{name}, {dim}]", ndim=3, floating=True)
+            _check_tensor(name, tensor, f"[B, L{name}, {dim}]", ndim=3, floating=True, dtype=dtype)
             if tensor.shape[-1] != dim or tensor.shape[0] != q.shape[0]:
                 raise ValueError(f"`{name}` must have shape [{q.shape[0]}, L{name}, {dim}], got {list(tensor.shape)}")
         if mask is None:

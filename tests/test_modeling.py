@@ -566,6 +566,20 @@ def test_perceiver_layer_bad_mask_raises():
         layer(q, torch.randn(2, 7, 16), v)
 
 
+def test_perceiver_layer_runs_inputs_of_another_float_dtype_in_its_weights_dtype():
+    """As the model: float64 inputs run in float32 weights, float32 inputs in a bfloat16 layer; values the weights'
+    dtype cannot hold are an error naming the argument."""
+    layer = tiny_layer().eval()
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(q.double(), k.double(), v), layer(q, k, v))
+        layer.to(torch.bfloat16)
+        assert layer(q, k, v).dtype == torch.bfloat16
+    layer.to(torch.float16)
+    with pytest.raises(ValueError, match=r"`k` contains NaN or Inf values \(or values beyond the range of"):
+        layer(q, k * 1e5, v)  # finite in float32, not in float16
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
