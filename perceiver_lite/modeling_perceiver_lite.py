@@ -735,11 +735,15 @@ class PerceiverLayer(nn.Module):
         if not arguments["ff_mult"] > 0:
             raise ValueError(f"PerceiverLayer: `ff_mult` must be positive, got {arguments['ff_mult']!r}")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: inputs of another float dtype run in it, as in the model."""
+        return self.layers[0].mlp.fc1.weight.dtype
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
         mask = self._check_inputs(q, k, v, mask)
-        dtype = self.layers[0].mlp.fc1.weight.dtype  # inputs of another float dtype run in the weights', as the model's
-        q = q.to(dtype)
-        context = torch.cat([k, v], dim=1).to(dtype)  # (B, Lk + Lv, dim)
+        q = q.to(self.dtype)
+        context = torch.cat([k, v], dim=1).to(self.dtype)  # (B, Lk + Lv, dim)
         for layer in self.layers:
             key, value = layer.cross_attention.project_key_value(context)
             q = layer(q, key, value, mask)
@@ -747,9 +751,8 @@ class PerceiverLayer(nn.Module):
 
     def _check_inputs(self, q, k, v, mask):
         dim = self.config.dim
-        dtype = self.layers[0].mlp.fc1.weight.dtype
         for name, tensor in (("q", q), ("k", k), ("v", v)):
-            _check_tensor(name, tensor, f"[B, L{name}, {dim}]", ndim=3, floating=True, dtype=dtype)
+            _check_tensor(name, tensor, f"[B, L{name}, {dim}]", ndim=3, floating=True, dtype=self.dtype)
             if tensor.shape[-1] != dim or tensor.shape[0] != q.shape[0]:
                 raise ValueError(f"`{name}` must have shape [{q.shape[0]}, L{name}, {dim}], got {list(tensor.shape)}")
         if mask is None:
