@@ -52,7 +52,7 @@ def _check_tensor(
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(tensor).__name__}")
     if ndim is not None and tensor.dim() != ndim:
-        raise ValueError(f"`{name}` must have shape {expected} ({ndim} dimensions), got {_describe(tensor)}")
+        raise ValueError(f"`{name}` must have shape {expected}, got {_describe(tensor)}")
     if 0 in tensor.shape:
         raise ValueError(f"`{name}` must not be empty (a zero-length batch or axis), expected {expected}, got {_describe(tensor)}")
     if floating is True and not tensor.is_floating_point():
@@ -908,8 +908,9 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
 
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))
 
-    def _check_inputs(self, inputs, attention_mask, inputs_embeds, input_name: str = "inputs"):
-        """Validate before any compute; `input_name` is the caller's name of `inputs` (`pixel_values`, say)."""
+    def _check_inputs(self, inputs, attention_mask, inputs_embeds, input_name: str = "inputs", also_accepted: str = ""):
+        """Validate before any compute; `input_name` is the caller's name of `inputs` (`pixel_values`, say), and
+        `also_accepted` a shape it takes besides the channel-first one (`[B, T]` for one channel, say)."""
         config = self.config
         if (inputs is None) == (inputs_embeds is None):
             raise ValueError(f"Pass exactly one of `{input_name}` and `inputs_embeds`")
@@ -921,7 +922,8 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
             mask_shapes = [tuple(inputs_embeds.shape[:2])]
         else:
             axes = ", ".join(f"axis{i}" for i in range(config.num_axes))
-            expected = f"[B, C={config.data_shape[0]}, {axes}] (data_shape {config.data_shape})"
+            expected = f"[B, C={config.data_shape[0]}, {axes}]{also_accepted and ' or ' + also_accepted}"
+            expected += f" (data_shape {config.data_shape})"
             _check_tensor(input_name, inputs, expected, ndim=config.num_axes + 2, floating=True, dtype=self.dtype)
             if inputs.shape[1] != config.data_shape[0]:
                 raise ValueError(
@@ -953,10 +955,15 @@ class PerceiverLiteClassificationMixin:
         self.perceiver = PerceiverLiteModel(config)
         self.classifier = PerceiverLiteClassifier(config)
 
-    def _classify(self, inputs, attention_mask, labels, output_class, input_name="inputs", **kwargs):
-        self.perceiver._check_inputs(inputs, attention_mask, None, input_name=input_name)
+    def _check_classification_inputs(self, inputs, attention_mask, labels, input_name: str, also_accepted: str = ""):
+        """Inputs, mask and labels, before any compute; `input_name` is the head's name of `inputs` (see
+        `PerceiverLiteModel._check_inputs`)."""
+        self.perceiver._check_inputs(inputs, attention_mask, None, input_name, also_accepted)
         if labels is not None:
             self._check_labels(labels, inputs.shape[0])
+
+    def _classify(self, inputs, attention_mask, labels, output_class, **kwargs):
+        """The base model, the classifier and the loss by `config.problem_type`, on checked inputs and labels."""
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
@@ -1013,7 +1020,8 @@ class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, Perc
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, "pixel_values", **kwargs)
+        self._check_classification_inputs(pixel_values, attention_mask, labels, "pixel_values")
+        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, **kwargs)
 
 
 class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -1055,6 +1063,10 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
                 f"`input_ids` must be in [0, vocab_size={self.config.vocab_size}), got values in "
                 f"[{input_ids.min().item()}, {input_ids.max().item()}]"
             )
+        if attention_mask is not None:
+            _check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+        if labels is not None:
+            self._check_labels(labels, len(input_ids))
         inputs = self.embeddings(input_ids).transpose(1, 2)  # (B, C, T)
         return self._classify(inputs, attention_mask, labels, SequenceClassifierOutput, **kwargs)
 
@@ -1085,9 +1097,12 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        if isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
+        one_channel = self.config.data_shape[0] == 1
+        if one_channel and isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
             input_values = input_values[:, None]  # (B, 1, T)
-        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, "input_values", **kwargs)
+        also_accepted = "[B, T]" if one_channel else ""
+        self._check_classification_inputs(input_values, attention_mask, labels, "input_values", also_accepted)
+        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ INVALID = [
     # wrong rank / number of spatial axes
     case(
         "base_rank", "base", lambda: dict(inputs=pixels(BATCH, 3, 8)),
-        ValueError, "`inputs`", "[3, 3, 8]", "data_shape [3, 8, 8]", "4 dimensions",
+        ValueError, "`inputs`", "[3, 3, 8]", "[B, C=3, axis0, axis1] (data_shape [3, 8, 8])",
     ),
     case(
         "image_extra_axis", "image", lambda: dict(pixel_values=pixels(BATCH, 3, 2, 8, 8)),
@@ -110,7 +110,12 @@ INVALID = [
     ),
     case(
         "audio_rank1", "audio", lambda: dict(input_values=signal(20)),
-        ValueError, "`input_values`", "[20]", "data_shape [1, 12]",
+        ValueError, "`input_values`", "[20]", "[B, C=1, axis0] or [B, T] (data_shape [1, 12])",
+    ),
+    case(
+        "audio_stereo_without_channels", "audio", lambda: dict(input_values=signal()),
+        ValueError, "`input_values`", "must have shape [B, C=2, axis0] (data_shape [2, 12]), got shape [3, 20]",
+        data_shape=[2, 12],
     ),
     case(
         "audio_2d_signal", "audio", lambda: dict(input_values=signal(BATCH, 1, 4, 5)),
@@ -319,10 +324,10 @@ INVALID = [
 
 
 def count_submodule_calls(model: torch.nn.Module) -> list[str]:
-    """Names of the submodules that run, as they run (an embedding lookup is a gather, not compute, and is left out)."""
+    """Names of the submodules that run, as they run."""
     calls = []
     for name, module in model.named_modules():
-        if name and not isinstance(module, torch.nn.Embedding):
+        if name:
             module.register_forward_pre_hook(lambda *_, name=name: calls.append(name))
     return calls
 
