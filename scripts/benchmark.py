@@ -580,7 +580,8 @@ def main():
         "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
     }
 
-    rates = matmul_rates(args.device, repeats=max(repeats, 3), size=256 if args.quick else 2048)
+    # minimum over many short products: the peak rate, robust to a passing slowdown of this shared machine
+    rates = matmul_rates(args.device, repeats=4 * max(repeats, 3), size=256 if args.quick else 2048)
     print(f"matmul GFLOP/s: {rates}", flush=True)
     memory = peak_memories(memory_jobs(setups, image_sizes), args.device)
     rows = scenario_a(setups["A"], args.device, repeats, rates, memory)
