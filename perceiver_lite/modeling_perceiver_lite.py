@@ -382,6 +382,81 @@ class SharedQueryAttention(torch.autograd.Function):
         )
 
 
+def _along_grid(tensors: list[torch.Tensor], grid: tuple[int, ...]) -> torch.Tensor:
+    """`sum_a tensors[a][..., i_a]` over the grid: `(..., G_a)` each to `(..., *grid)`."""
+    total = 0
+    for axis, tensor in enumerate(tensors):
+        shape = [1] * len(grid)
+        shape[axis] = grid[axis]
+        total = total + tensor.view(*tensor.shape[:-1], *shape)  # (..., 1, G_a, 1)
+    return total
+
+
+def _sums_per_axis(tensor: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:
+    """The sums of `tensor` `(..., *grid)` over every axis of the grid but one: `(..., G_a)` for each axis `a`."""
+    axes = [tensor.dim() - len(grid) + axis for axis in range(len(grid))]
+    return [tensor.sum([other for other in axes if other != axis]) for axis in axes]
+
+
+class GridAttention(torch.autograd.Function):
+    """Attention of batch-varying queries to keys and values in the factored form of `FactoredProjection` whose
+    positions are the Fourier features of a grid shared by the batch. Such features are a sum over the grid's axes
+    (`FactoredProjection.axis_lines`), and so are their projections, so for a score row and a key at `(i, j, ...)`:
+
+        q K_b^T = (q W_x) X_b^T + r_b * (s_0[i] + s_1[j] + ...) + q c,    s_a = q W_p lines_a^T  (G_a terms each)
+
+    and the output `P V_b = (P X_b) W_vx^T + sum_a R_a V_a + c_v`, with `R_a` the sums of `P * r_b` over every axis but
+    `a`. What costs `B N M D` as products costs `B N M (C + 1)` here, plus passes over the `(B, H, N, M)` scores. Like
+    `RecomputedAttention` it keeps nothing of size `(N, M)` for backward, and works through blocks of query rows and
+    samples whose scores fit `SCORES_BUDGET`; the last term is constant along each row and drops out of the softmax (the
+    key bias `c` gets a zero gradient, as in `SharedQueryAttention`).
+
+    Inputs: `query_data` `(B, H, N, C + 1)`, the scaled query times `W_x`; `data` `(B, M, C + 1)` and `rstd` `(B, M)`,
+    which need no gradient; `key_bias`; the `grid`; the axis scores `s_a` `(B, H, N, G_a)`. Outputs: `P X_b`
+    `(B, H, N, C + 1)` and each `R_a` `(B, H, N, G_a)`.
+    """
+
+    @staticmethod
+    def forward(ctx, query_data, data, rstd, key_bias, grid, *axis_scores):
+        ctx.save_for_backward(query_data, data, rstd, *axis_scores)
+        ctx.grid, ctx.key_bias_meta = grid, (key_bias.shape, key_bias.dtype)
+        mixed_data = query_data.new_empty(query_data.shape)  # (B, H, N, C + 1)
+        axis_weights = [query_data.new_empty(*query_data.shape[:3], size) for size in grid]  # (B, H, N, G_a) each
+        for rows, batch, probs, block_rstd in GridAttention.blocks(query_data, data, rstd, grid, axis_scores):
+            _matmul_into(mixed_data[batch, :, rows], probs, data[batch, None])  # (b, H, n, C + 1)
+            weighted = (probs * block_rstd).view(*probs.shape[:3], *grid)  # (b, H, n, *grid)
+            for weights, sums in zip(axis_weights, _sums_per_axis(weighted, grid)):
+                weights[batch, :, rows] = sums
+        return mixed_data, *axis_weights
+
+    @staticmethod
+    def blocks(query_data, data, rstd, grid, axis_scores):
+        """Per block of `_score_blocks`: its rows, samples, probabilities `(b, H, n, M)` and `rstd` `(b, 1, 1, M)`."""
+        for rows, batch, _ in _score_blocks(*query_data.shape[:3], data.shape[1], None):
+            block_rstd = rstd[batch, None, None]  # (b, 1, 1, M)
+            scores = torch.matmul(query_data[batch, :, rows], data[batch, None].transpose(-1, -2))  # (b, H, n, M)
+            positions = _along_grid([s[batch, :, rows] for s in axis_scores], grid).flatten(-len(grid))  # (b, H, n, M)
+            yield rows, batch, masked_softmax(scores.addcmul_(positions, block_rstd), None), block_rstd
+
+    @staticmethod
+    def backward(ctx, grad_mixed_data, *grad_axis_weights):
+        query_data, data, rstd, *axis_scores = ctx.saved_tensors
+        grid = ctx.grid
+        grad_query_data = torch.empty_like(query_data)
+        grad_axis_scores = [torch.empty_like(scores) for scores in axis_scores]
+        for rows, batch, probs, block_rstd in GridAttention.blocks(query_data, data, rstd, grid, axis_scores):
+            grad_probs = torch.matmul(grad_mixed_data[batch, :, rows], data[batch, None].transpose(-1, -2))
+            grad_positions = _along_grid([g[batch, :, rows] for g in grad_axis_weights], grid).flatten(-len(grid))
+            grad_probs.addcmul_(grad_positions, block_rstd)  # (b, H, n, M)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            _matmul_into(grad_query_data[batch, :, rows], grad_scores, data[batch, None])  # (b, H, n, C + 1)
+            weighted = (grad_scores * block_rstd).view(*grad_scores.shape[:3], *grid)  # (b, H, n, *grid)
+            for grad, sums in zip(grad_axis_scores, _sums_per_axis(weighted, grid)):
+                grad[batch, :, rows] = sums
+        grad_key_bias = torch.zeros(ctx.key_bias_meta[0], dtype=ctx.key_bias_meta[1], device=query_data.device)
+        return grad_query_data, None, None, grad_key_bias, None, *grad_axis_scores
+
+
 @dataclasses.dataclass
 class FactoredProjection:
     """`linear(norm(cat([data, positions], -1)))` in the factored form of `norm_and_project_concatenation`:
@@ -395,12 +470,31 @@ class FactoredProjection:
     weight_data: torch.Tensor
     weight_positions: torch.Tensor
     bias: torch.Tensor
+    grid: tuple[int, ...] | None = None  # the spatial shape whose Fourier features `positions` are, if shared
+    _tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def materialize(self) -> torch.Tensor:
-        weight_data = self.weight_data.T.expand(len(self.data), -1, -1)  # (B, C + 1, out)
-        projected = torch.baddbmm(self.bias, self.data, weight_data)  # (B, M, out)
-        positions = self.positions @ self.weight_positions.T  # (M, out) or (B, M, out)
-        return torch.addcmul(projected, positions, self.rstd.to(projected.dtype))
+        """The projection `(B, M, out)`, computed on the first call and kept for the next ones (repeats of a block)."""
+        if self._tensor is None:
+            weight_data = self.weight_data.T.expand(len(self.data), -1, -1)  # (B, C + 1, out)
+            projected = torch.baddbmm(self.bias, self.data, weight_data)  # (B, M, out)
+            positions = self.positions @ self.weight_positions.T  # (M, out) or (B, M, out)
+            self._tensor = torch.addcmul(projected, positions, self.rstd.to(projected.dtype))
+        return self._tensor
+
+    def axis_lines(self) -> list[torch.Tensor]:
+        """The positions as a sum over the grid's axes, `positions[(i, j, ...)] = lines[0][i] + lines[1][j] + ...`:
+        each axis's line of positions through the origin `(G_a, F)`, the origin counted in the first only. Exact for
+        Fourier features (per axis, concatenated) centred on their row mean (a sum over the axes too)."""
+        grid_positions = self.positions.view(*self.grid, -1)  # (*grid, F)
+        origin = grid_positions[(0,) * len(self.grid)]  # (F,)
+        lines = []
+        for axis in range(len(self.grid)):
+            index = [0] * len(self.grid)
+            index[axis] = slice(None)
+            line = grid_positions[tuple(index)]  # (G_a, F)
+            lines.append(line if axis == 0 else line - origin)
+        return lines
 
 
 def norm_and_project_concatenation(
@@ -409,6 +503,7 @@ def norm_and_project_concatenation(
     norm: nn.LayerNorm | None,
     linears: list[nn.Linear],
     factored: bool = False,
+    grid: tuple[int, ...] | None = None,
 ) -> list[torch.Tensor] | list[FactoredProjection]:
     """`[linear(norm(cat([data, positions], -1))) for linear in linears]`, exactly, without building the concatenation.
 
@@ -421,7 +516,8 @@ def norm_and_project_concatenation(
 
     with `h = (C W_p gamma_p - F W_d gamma_d) 1 / (C + F)`. The position part is one `(M, F)` matmul shared by the batch
     instead of `B` of them, which cuts the FLOPs by about `C / (C + F)` and never materialises `(B, M, C + F)`. With
-    `factored` (and a norm) the projections come unevaluated, as `FactoredProjection`s.
+    `factored` (and a norm) the projections come unevaluated, as `FactoredProjection`s, with the spatial shape `grid`
+    of the Fourier features `positions` if they are shared by the batch.
     """
     batch_size, channels, num_positions = data.shape[0], data.shape[-1], positions.shape[-1]
     width = channels + num_positions
@@ -436,7 +532,8 @@ def norm_and_project_concatenation(
         ]
 
     dtype = linears[0].weight.dtype
-    data, positions = data.float(), positions.float()  # statistics in float32, as LayerNorm's in half precision
+    statistics = torch.promote_types(data.dtype, torch.float32)  # float32 at least, as LayerNorm's in half precision
+    data, positions = data.to(statistics), positions.to(statistics)
     data_mean, positions_mean = data.mean(-1, keepdim=True), positions.mean(-1, keepdim=True)
     data, positions = data - data_mean, positions - positions_mean
     delta = positions_mean - data_mean  # (B, M, 1)
@@ -453,7 +550,8 @@ def norm_and_project_concatenation(
         mean_correction = (channels * weight_positions.sum(-1) - num_positions * weight_data.sum(-1)) / width
         weight_data = torch.cat([weight_data, mean_correction[:, None]], dim=-1)  # (out, C + 1)
         bias = linear.bias + linear.weight @ norm.bias
-        factors.append(FactoredProjection(data, positions, rstd, weight_data, weight_positions, bias))
+        shared_grid = grid if positions.dim() == 2 else None
+        factors.append(FactoredProjection(data, positions, rstd, weight_data, weight_positions, bias, shared_grid))
     return factors if factored else [projection.materialize() for projection in factors]
 
 
@@ -490,21 +588,22 @@ class PerceiverLiteAttention(nn.Module):
         self.o_proj = nn.Linear(inner_dim, config.dim)
 
     def project_key_value(
-        self, key_value_states: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | FactoredProjection, torch.Tensor]:
+        self, key_value_states: torch.Tensor, positions: torch.Tensor | None = None, grid: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor | FactoredProjection, torch.Tensor | FactoredProjection]:
         """Keys and values `(B, H, Lk, D)` from `(B, Lk, kv_dim)`; reusable by every call that attends to the same states.
 
-        With `positions` (`(Lk, F)` shared by the batch, or `(B, Lk, F)`), `key_value_states` holds only the data channels
-        `(B, Lk, kv_dim - F)` and the result is that of their concatenation, computed without building it
-        (`norm_and_project_concatenation`); the keys then come as a `FactoredProjection`, which `forward` evaluates, or
-        uses as such for a query shared by the batch (`SharedQueryAttention`).
+        With `positions` (`(Lk, F)` shared by the batch, the Fourier features of the spatial shape `grid`, or
+        `(B, Lk, F)`), `key_value_states` holds only the data channels `(B, Lk, kv_dim - F)` and the result is that of
+        their concatenation, computed without building it (`norm_and_project_concatenation`); the keys and values then
+        come as `FactoredProjection`s, which `forward` evaluates (`as_tensor`) or uses as such (`SharedQueryAttention`
+        for a query shared by the batch, `GridAttention` for positions of a grid).
         """
         if positions is not None and not _hooked(self.k_proj, self.v_proj, self.kv_norm):
-            key, value = norm_and_project_concatenation(
-                key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj], factored=True
-            )
-            value = self._split_heads(value.materialize() if isinstance(value, FactoredProjection) else value)
-            return key if isinstance(key, FactoredProjection) else self._split_heads(key), value
+            projections = norm_and_project_concatenation(
+                key_value_states, positions, self.kv_norm, [self.k_proj, self.v_proj], factored=True, grid=grid
+            )  # without a norm: tensors (B, Lk, H * D)
+            key, value = (p if isinstance(p, FactoredProjection) else self._split_heads(p) for p in projections)
+            return key, value
         if positions is not None:
             positions = positions.expand(*key_value_states.shape[:-1], positions.shape[-1])  # (B, Lk, F)
             key_value_states = torch.cat([key_value_states, positions], dim=-1)  # (B, Lk, kv_dim)
@@ -512,9 +611,9 @@ class PerceiverLiteAttention(nn.Module):
             key_value_states = self.kv_norm(key_value_states)
         return self._split_heads(self.k_proj(key_value_states)), self._split_heads(self.v_proj(key_value_states))
 
-    def key_tensor(self, key: torch.Tensor | FactoredProjection) -> torch.Tensor:
-        """`key` `(B, H, Lk, D)` as a tensor, from a `FactoredProjection` `(B, Lk, H * D)` if need be."""
-        return self._split_heads(key.materialize()) if isinstance(key, FactoredProjection) else key
+    def as_tensor(self, projection: torch.Tensor | FactoredProjection) -> torch.Tensor:
+        """Keys or values `(B, H, Lk, D)` as a tensor, from a `FactoredProjection` `(B, Lk, H * D)` if need be."""
+        return self._split_heads(projection.materialize()) if isinstance(projection, FactoredProjection) else projection
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.view(*states.shape[:-1], -1, self.head_dim).transpose(-3, -2)  # (..., H, L, D)
@@ -529,8 +628,10 @@ class PerceiverLiteAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(key, FactoredProjection):
             if self._shares_query(hidden_states, key):
-                return self._shared_query_attention(hidden_states[0], key, value, attention_mask), None
-            key = self.key_tensor(key)
+                return self._shared_query_attention(hidden_states[0], key, self.as_tensor(value), attention_mask), None
+            if self._attends_grid(key, value, attention_mask):
+                return self._grid_attention(hidden_states, key, value), None
+        key, value = self.as_tensor(key), self.as_tensor(value)
         input_shape = hidden_states.shape[:-1]
         if key is None and not _hooked(self.q_proj, self.k_proj, self.v_proj):  # self-attention: one product
             weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (3 H D, dim)
@@ -572,6 +673,32 @@ class PerceiverLiteAttention(nn.Module):
         )
         attn_output = attn_output.transpose(1, 2).flatten(2)  # (B, N, H * D)
         return self.o_proj(attn_output)
+
+    def _grid_attention(self, hidden_states, key: FactoredProjection, value: FactoredProjection) -> torch.Tensor:
+        """`forward` for batch-varying queries and positions of a grid; see `GridAttention`."""
+        heads, head_dim = self.num_heads, self.head_dim
+        query = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # (B, H, N, D)
+        query_data = query @ key.weight_data.view(heads, head_dim, -1)  # (B, H, N, C + 1)
+        lines = [line.to(query_data.dtype) for line in key.axis_lines()]  # (G_a, F) each
+        axis_keys = [(line @ key.weight_positions.T).view(len(line), heads, head_dim) for line in lines]  # (G_a, H, D)
+        axis_scores = [query @ axis_key.permute(1, 2, 0) for axis_key in axis_keys]  # (B, H, N, G_a) each
+        data, rstd = key.data.to(query_data.dtype), key.rstd[..., 0].to(query_data.dtype)
+        mixed_data, *axis_weights = GridAttention.apply(query_data, data, rstd, key.bias, key.grid, *axis_scores)
+        output = mixed_data @ value.weight_data.view(heads, head_dim, -1).transpose(-1, -2)  # (B, H, N, D)
+        for weights, line in zip(axis_weights, lines):
+            axis_values = (line @ value.weight_positions.T).view(len(line), heads, head_dim)  # (G_a, H, D)
+            output = output + weights @ axis_values.transpose(0, 1)  # (B, H, N, D)
+        output = output + value.bias.view(heads, 1, head_dim)
+        return self.o_proj(output.transpose(1, 2).flatten(2))  # (B, N, H * D)
+
+    def _attends_grid(self, key: FactoredProjection, value, attention_mask) -> bool:
+        """Whether `GridAttention` serves this call: keys and values factored with positions of a grid of two axes or
+        more shared by the batch, no mask, inputs that need no gradient, on the CPU sdpa path without attention dropout
+        (elsewhere torch's fused kernels are kept)."""
+        no_dropout = not (self.training and self.attention_dropout > 0)
+        on_cpu_sdpa = self.config._attn_implementation == "sdpa" and key.data.device.type == "cpu"
+        grid = key.grid is not None and len(key.grid) > 1 and isinstance(value, FactoredProjection)
+        return grid and attention_mask is None and not key.data.requires_grad and on_cpu_sdpa and no_dropout
 
     def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
         """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
@@ -667,11 +794,12 @@ class PerceiverLiteBlock(nn.Module):
         self.layers = nn.ModuleList(PerceiverLiteLayer(config) for _ in range(num_self_attention_layers))
 
     def project_inputs(
-        self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention's keys and values for `inputs_embeds` (or for its data channels and `positions`, see
-        `PerceiverLiteAttention.project_key_value`); the same for every run of this block."""
-        return self.cross_layer.cross_attention.project_key_value(inputs_embeds, positions)
+        self, inputs_embeds: torch.Tensor, positions: torch.Tensor | None = None, grid: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor | FactoredProjection, torch.Tensor | FactoredProjection]:
+        """The cross-attention's keys and values for `inputs_embeds` (or for its data channels and `positions`, the
+        Fourier features of `grid`, see `PerceiverLiteAttention.project_key_value`); the same for every run of this
+        block."""
+        return self.cross_layer.cross_attention.project_key_value(inputs_embeds, positions, grid)
 
     def forward(self, latents, key, value, attention_mask=None, **kwargs) -> torch.Tensor:
         latents = self.cross_layer(latents, key, value, attention_mask, **kwargs)
@@ -884,9 +1012,12 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
             Cross-attention inputs that carry their own position features, instead of `inputs`.
         """
         self._check_inputs(inputs, attention_mask, inputs_embeds)
-        positions = None
+        positions = grid = None
         if inputs_embeds is None:  # the data channels and their position features, never concatenated
             inputs_embeds, positions, attention_mask = self.embeddings.split(inputs, attention_mask)
+            grid = tuple(inputs.shape[2:])
+            if positions.dim() == 2:  # no padding: a mask of all ones is no mask, and runs the same path
+                attention_mask = None
         elif attention_mask is not None:
             attention_mask = attention_mask.bool()
         inputs_embeds = inputs_embeds.to(self.dtype)  # as ViT: inputs of any float dtype, computed in the weights' dtype
@@ -900,10 +1031,11 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         for step, index in enumerate(self.config.layers_indice):
             block = self.blocks[index]
             if index not in key_values:  # repeats of a block attend to the same keys and values
-                key_values[index] = block.project_inputs(inputs_embeds, positions)
+                key_values[index] = block.project_inputs(inputs_embeds, positions, grid)
             key, value = key_values[index]
-            if step > 0 or checkpointing:  # factored keys serve the batch-shared query of the first cross-attend
-                key_values[index] = key, value = block.cross_layer.cross_attention.key_tensor(key), value
+            if checkpointing:  # factored projections are not tensor arguments
+                attention = block.cross_layer.cross_attention
+                key_values[index] = key, value = attention.as_tensor(key), attention.as_tensor(value)
             latents = block(latents, key, value, attention_mask, **kwargs)
 
         return BaseModelOutputWithPoolingAndCrossAttentions(last_hidden_state=latents, pooler_output=latents.mean(dim=1))

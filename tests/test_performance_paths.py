@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from perceiver_lite import PerceiverLiteModel
+from perceiver_lite import PerceiverLiteConfig, PerceiverLiteModel
 from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
+    GridAttention,
     PerceiverLiteAttention,
+    PerceiverLiteFourierFeatures,
     RecomputedAttention,
     SharedQueryAttention,
     eager_attention_forward,
@@ -277,3 +279,95 @@ def test_only_the_first_cross_attend_shares_its_query(model_tester, masked, monk
     model.set_attn_implementation("eager")
     model(model_tester.prepare_inputs())
     assert len(calls) == (0 if masked else 1)
+
+
+def grid_attention_setup(grid, cross_heads=2):
+    """A float64 cross-attention with a non-trivial input norm, latents, and data channels with the Fourier features
+    of `grid` shared by the batch."""
+    generator = torch.Generator().manual_seed(0)
+    config = PerceiverLiteConfig(
+        data_shape=[3, *grid], num_latent_tokens=5, dim=16, heads=2, cross_heads=cross_heads, num_bands=2,
+        layers_indice=[0], num_latent_transformers_in_layers=[1],
+    )
+    config._attn_implementation = "sdpa"  # as a model sets it
+    attention = PerceiverLiteAttention(config, is_cross_attention=True).double()
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.3)
+        attention.kv_norm.weight.add_(1)
+    positions = PerceiverLiteFourierFeatures(config)(grid, dtype=torch.float64)  # (M, F)
+    data = torch.randn(3, len(positions), 3, generator=generator, dtype=torch.float64) * 2 + 1  # (B, M, C)
+    hidden_states = torch.randn(3, 5, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    return attention, data, positions, hidden_states
+
+
+@pytest.mark.parametrize("grid", [(4, 5), (2, 3, 4)], ids=["2-D", "3-D"])
+@pytest.mark.parametrize("scores_budget", [1, 30, 1 << 22], ids=["one-row-one-sample", "some-rows", "whole-batch"])
+def test_grid_attention_matches_materialized_keys_and_values(grid, scores_budget, monkeypatch):
+    """For batch-varying queries and the Fourier features of a grid, `GridAttention` (the cross-attention with the
+    position scores and values summed per axis) equals attention to the materialised keys and values, forward and
+    backward (every parameter and the queries), in any blocks of query rows and samples."""
+    monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", scores_budget)
+    attention, data, positions, hidden_states = grid_attention_setup(grid)
+    calls = []
+    forward = GridAttention.forward
+    monkeypatch.setattr(GridAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+
+    def run(materialize: bool):
+        key, value = attention.project_key_value(data, positions, grid)
+        if materialize:
+            key, value = attention.as_tensor(key), attention.as_tensor(value)
+        output, _ = attention(hidden_states, key, value)
+        inputs = [hidden_states, *attention.parameters()]
+        return output, torch.autograd.grad(output, inputs, torch.ones_like(output) + output.detach())
+
+    fast, fast_grads = run(materialize=False)
+    assert calls == [1]
+    slow, slow_grads = run(materialize=True)
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow)
+    names = ["hidden_states", *(name for name, _ in attention.named_parameters())]
+    for name, a, b in zip(names, fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_grid_attention_gradcheck():
+    """`GridAttention`'s hand-written backward against finite differences (float64), for its query inputs."""
+    generator = torch.Generator().manual_seed(0)
+    grid, batch_size, heads, num_latents, channels = (3, 4), 2, 2, 3, 4
+
+    def tensor(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    query_data = tensor(batch_size, heads, num_latents, channels)
+    axis_scores = [tensor(batch_size, heads, num_latents, size) for size in grid]
+    data = torch.randn(batch_size, 12, channels, generator=generator, dtype=torch.float64)
+    rstd = torch.rand(batch_size, 12, generator=generator, dtype=torch.float64) + 0.5
+    bias = torch.zeros(heads * 5, dtype=torch.float64, requires_grad=True)
+
+    def grid_attention(query_data, *axis_scores):
+        return GridAttention.apply(query_data, data, rstd, bias, grid, *axis_scores)
+
+    assert torch.autograd.gradcheck(grid_attention, (query_data, *axis_scores))
+
+
+@pytest.mark.parametrize(
+    "case", ["shared-positions", "per-sample-positions", "eager", "checkpointing", "input-gradient"]
+)
+def test_grid_attention_serves_the_cross_attends_after_the_first(model_tester, case, monkeypatch):
+    """After the first cross-attend (the batch-shared query) every cross-attend runs as `GridAttention` on the CPU
+    sdpa path for unpadded grid inputs; not with per-sample positions (padding), on the eager path, under gradient
+    checkpointing (its arguments must be tensors) or for inputs that need a gradient (saliency)."""
+    model = make_model(model_tester.get_config(layers_indice=[0, 0, 1]))
+    inputs = model_tester.prepare_inputs()
+    calls = []
+    forward = GridAttention.forward
+    monkeypatch.setattr(GridAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    if case == "eager":
+        model.set_attn_implementation("eager")
+    if case == "checkpointing":
+        model.train().activation_checkpointing_enable()
+    if case == "input-gradient":
+        inputs.requires_grad_()
+    model(inputs, attention_mask=padding_mask() if case == "per-sample-positions" else None)
+    assert len(calls) == (2 if case == "shared-positions" else 0)
