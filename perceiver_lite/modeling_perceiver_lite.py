@@ -160,13 +160,16 @@ class PerceiverLiteEmbeddings(nn.Module):
 
     def split(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """The two parts of `forward`'s output, not concatenated: the data `(B, M, C)` (a view of `inputs`), the position
-        features `(M, F)` shared by the batch (or `(B, M, F)` for a padded batch) and the flattened mask `(B, M)`."""
+        features `(M, F)` shared by the batch (or `(B, M, F)` for a padded batch) and the flattened mask `(B, M)`, None
+        when every element is valid (a mask of all ones is no mask, and takes the same paths)."""
         batch_size, spatial_shape = inputs.shape[0], inputs.shape[2:]
         data = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
         extents = None
         if attention_mask is not None:
             attention_mask = attention_mask.reshape(batch_size, -1).bool()  # (B, M)
-            if not attention_mask.all():
+            if attention_mask.all():
+                attention_mask = None
+            else:
                 extents = _valid_extents(attention_mask.view(batch_size, *spatial_shape))
         positions = self.position_features(spatial_shape, extents, device=inputs.device, dtype=inputs.dtype)
         return data, positions, attention_mask
@@ -695,25 +698,25 @@ class PerceiverLiteAttention(nn.Module):
         """Whether `GridAttention` serves this call: keys and values factored with positions of a grid of two axes or
         more shared by the batch, no mask, inputs that need no gradient, on the CPU sdpa path without attention dropout
         (elsewhere torch's fused kernels are kept)."""
-        no_dropout = not (self.training and self.attention_dropout > 0)
-        on_cpu_sdpa = self.config._attn_implementation == "sdpa" and key.data.device.type == "cpu"
         grid = key.grid is not None and len(key.grid) > 1 and isinstance(value, FactoredProjection)
-        return grid and attention_mask is None and not key.data.requires_grad and on_cpu_sdpa and no_dropout
+        return grid and attention_mask is None and not key.data.requires_grad and self._own_cpu_path(key.data)
 
     def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
         """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
         along it), position features shared by the batch, on the sdpa path on the CPU (elsewhere torch's fused kernels
         are kept; see `_prefers_matmul_attention`) and without attention dropout."""
-        no_dropout = not (self.training and self.attention_dropout > 0)
-        on_cpu_sdpa = self.config._attn_implementation == "sdpa" and hidden_states.device.type == "cpu"
-        return _batch_shared(hidden_states) and key.positions.dim() == 2 and on_cpu_sdpa and no_dropout
+        return _batch_shared(hidden_states) and key.positions.dim() == 2 and self._own_cpu_path(hidden_states)
 
     def _prefers_matmul_attention(self, query: torch.Tensor) -> bool:
         """On the sdpa path, half precision on the CPU runs faster through `RecomputedAttention` (same memory: nothing
         of size `(Lq, Lk)` kept); float32 and GPUs keep torch's fused kernels. Dropout needs the fused kernels."""
-        half = query.dtype in (torch.bfloat16, torch.float16)
+        return query.dtype in (torch.bfloat16, torch.float16) and self._own_cpu_path(query)
+
+    def _own_cpu_path(self, tensor: torch.Tensor) -> bool:
+        """Whether this call may take one of this module's own attention functions instead of torch's fused kernels:
+        the sdpa path, on the CPU (`tensor`'s device), without attention dropout (which needs the fused kernels)."""
         no_dropout = not (self.training and self.attention_dropout > 0)
-        return self.config._attn_implementation == "sdpa" and query.device.type == "cpu" and half and no_dropout
+        return self.config._attn_implementation == "sdpa" and tensor.device.type == "cpu" and no_dropout
 
 
 class PerceiverLiteMLP(nn.Module):
@@ -1016,8 +1019,6 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         if inputs_embeds is None:  # the data channels and their position features, never concatenated
             inputs_embeds, positions, attention_mask = self.embeddings.split(inputs, attention_mask)
             grid = tuple(inputs.shape[2:])
-            if positions.dim() == 2:  # no padding: a mask of all ones is no mask, and runs the same path
-                attention_mask = None
         elif attention_mask is not None:
             attention_mask = attention_mask.bool()
         inputs_embeds = inputs_embeds.to(self.dtype)  # as ViT: inputs of any float dtype, computed in the weights' dtype
