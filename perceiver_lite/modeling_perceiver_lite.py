@@ -249,17 +249,23 @@ class RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         query, key, value, attention_mask = ctx.saved_tensors
-        grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        grad_query, grad_key, grad_value = (
+            torch.empty_like(tensor) if needed else None for tensor, needed in zip((query, key, value), ctx.needs_input_grad)
+        )  # only those asked for: keys and values of the inputs alone need none
         for rows, batch, mask in _score_blocks(*query.shape[:3], key.shape[2], attention_mask):
             query_block, grad = query[batch, :, rows], grad_output[batch, :, rows]  # (b, H, n, D), (b, H, n, Dv)
             probs = attention_probabilities(query_block, key[batch], mask)  # (b, H, n, Lk)
             later_rows = rows.start > 0  # the keys' and values' gradients sum over the blocks of rows
-            _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=later_rows)
+            if grad_value is not None:
+                _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=later_rows)
             grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, Lk)
             grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            _matmul_into(grad_query[batch, :, rows], grad_scores, key[batch])
-            _matmul_into(grad_key[batch], grad_scores.transpose(-1, -2), query_block, accumulate=later_rows)
-        return grad_query.mul_(ctx.scaling), grad_key, grad_value, None, None
+            if grad_query is not None:
+                _matmul_into(grad_query[batch, :, rows], grad_scores, key[batch])
+            if grad_key is not None:
+                _matmul_into(grad_key[batch], grad_scores.transpose(-1, -2), query_block, accumulate=later_rows)
+        grad_query = None if grad_query is None else grad_query.mul_(ctx.scaling)
+        return grad_query, grad_key, grad_value, None, None
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False):
@@ -385,79 +391,14 @@ class SharedQueryAttention(torch.autograd.Function):
         )
 
 
-def _along_grid(tensors: list[torch.Tensor], grid: tuple[int, ...]) -> torch.Tensor:
-    """`sum_a tensors[a][..., i_a]` over the grid: `(..., G_a)` each to `(..., *grid)`."""
-    total = 0
-    for axis, tensor in enumerate(tensors):
-        shape = [1] * len(grid)
-        shape[axis] = grid[axis]
-        total = total + tensor.view(*tensor.shape[:-1], *shape)  # (..., 1, G_a, 1)
-    return total
+def _round_up(number: int, multiple: int) -> int:
+    return -(-number // multiple) * multiple
 
 
-def _sums_per_axis(tensor: torch.Tensor, grid: tuple[int, ...]) -> list[torch.Tensor]:
-    """The sums of `tensor` `(..., *grid)` over every axis of the grid but one: `(..., G_a)` for each axis `a`."""
-    axes = [tensor.dim() - len(grid) + axis for axis in range(len(grid))]
-    return [tensor.sum([other for other in axes if other != axis]) for axis in axes]
-
-
-class GridAttention(torch.autograd.Function):
-    """Attention of batch-varying queries to keys and values in the factored form of `FactoredProjection` whose
-    positions are the Fourier features of a grid shared by the batch. Such features are a sum over the grid's axes
-    (`FactoredProjection.axis_lines`), and so are their projections, so for a score row and a key at `(i, j, ...)`:
-
-        q K_b^T = (q W_x) X_b^T + r_b * (s_0[i] + s_1[j] + ...) + q c,    s_a = q W_p lines_a^T  (G_a terms each)
-
-    and the output `P V_b = (P X_b) W_vx^T + sum_a R_a V_a + c_v`, with `R_a` the sums of `P * r_b` over every axis but
-    `a`. What costs `B N M D` as products costs `B N M (C + 1)` here, plus passes over the `(B, H, N, M)` scores. Like
-    `RecomputedAttention` it keeps nothing of size `(N, M)` for backward, and works through blocks of query rows and
-    samples whose scores fit `SCORES_BUDGET`; the last term is constant along each row and drops out of the softmax (the
-    key bias `c` gets a zero gradient, as in `SharedQueryAttention`).
-
-    Inputs: `query_data` `(B, H, N, C + 1)`, the scaled query times `W_x`; `data` `(B, M, C + 1)` and `rstd` `(B, M)`,
-    which need no gradient; `key_bias`; the `grid`; the axis scores `s_a` `(B, H, N, G_a)`. Outputs: `P X_b`
-    `(B, H, N, C + 1)` and each `R_a` `(B, H, N, G_a)`.
-    """
-
-    @staticmethod
-    def forward(ctx, query_data, data, rstd, key_bias, grid, *axis_scores):
-        ctx.save_for_backward(query_data, data, rstd, *axis_scores)
-        ctx.grid, ctx.key_bias_meta = grid, (key_bias.shape, key_bias.dtype)
-        mixed_data = query_data.new_empty(query_data.shape)  # (B, H, N, C + 1)
-        axis_weights = [query_data.new_empty(*query_data.shape[:3], size) for size in grid]  # (B, H, N, G_a) each
-        for rows, batch, probs, block_rstd in GridAttention.blocks(query_data, data, rstd, grid, axis_scores):
-            _matmul_into(mixed_data[batch, :, rows], probs, data[batch, None])  # (b, H, n, C + 1)
-            weighted = (probs * block_rstd).view(*probs.shape[:3], *grid)  # (b, H, n, *grid)
-            for weights, sums in zip(axis_weights, _sums_per_axis(weighted, grid)):
-                weights[batch, :, rows] = sums
-        return mixed_data, *axis_weights
-
-    @staticmethod
-    def blocks(query_data, data, rstd, grid, axis_scores):
-        """Per block of `_score_blocks`: its rows, samples, probabilities `(b, H, n, M)` and `rstd` `(b, 1, 1, M)`."""
-        for rows, batch, _ in _score_blocks(*query_data.shape[:3], data.shape[1], None):
-            block_rstd = rstd[batch, None, None]  # (b, 1, 1, M)
-            scores = torch.matmul(query_data[batch, :, rows], data[batch, None].transpose(-1, -2))  # (b, H, n, M)
-            positions = _along_grid([s[batch, :, rows] for s in axis_scores], grid).flatten(-len(grid))  # (b, H, n, M)
-            yield rows, batch, masked_softmax(scores.addcmul_(positions, block_rstd), None), block_rstd
-
-    @staticmethod
-    def backward(ctx, grad_mixed_data, *grad_axis_weights):
-        query_data, data, rstd, *axis_scores = ctx.saved_tensors
-        grid = ctx.grid
-        grad_query_data = torch.empty_like(query_data)
-        grad_axis_scores = [torch.empty_like(scores) for scores in axis_scores]
-        for rows, batch, probs, block_rstd in GridAttention.blocks(query_data, data, rstd, grid, axis_scores):
-            grad_probs = torch.matmul(grad_mixed_data[batch, :, rows], data[batch, None].transpose(-1, -2))
-            grad_positions = _along_grid([g[batch, :, rows] for g in grad_axis_weights], grid).flatten(-len(grid))
-            grad_probs.addcmul_(grad_positions, block_rstd)  # (b, H, n, M)
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-            _matmul_into(grad_query_data[batch, :, rows], grad_scores, data[batch, None])  # (b, H, n, C + 1)
-            weighted = (grad_scores * block_rstd).view(*grad_scores.shape[:3], *grid)  # (b, H, n, *grid)
-            for grad, sums in zip(grad_axis_scores, _sums_per_axis(weighted, grid)):
-                grad[batch, :, rows] = sums
-        grad_key_bias = torch.zeros(ctx.key_bias_meta[0], dtype=ctx.key_bias_meta[1], device=query_data.device)
-        return grad_query_data, None, None, grad_key_bias, None, *grad_axis_scores
+def _cat_padded(columns: list[torch.Tensor], width: int) -> torch.Tensor:
+    """`torch.cat(columns, -1)` with zero columns appended up to `width`."""
+    padding = columns[0].new_zeros(*columns[0].shape[:-1], width - sum(column.shape[-1] for column in columns))
+    return torch.cat([*columns, padding], dim=-1)
 
 
 @dataclasses.dataclass
@@ -465,7 +406,7 @@ class FactoredProjection:
     """`linear(norm(cat([data, positions], -1)))` in the factored form of `norm_and_project_concatenation`:
     `data @ weight_data.T + rstd * (positions @ weight_positions.T) + bias`, with `data` `(B, M, C + 1)` (normalised,
     `rstd` applied), `positions` `(M, F)` or `(B, M, F)` (centred), `rstd` `(B, M, 1)`. `materialize()` computes the
-    projection `(B, M, out)`."""
+    projection `(B, M, out)`; for the positions of a grid, `grid_features() @ grid_weight().T` equals it."""
 
     data: torch.Tensor
     positions: torch.Tensor
@@ -475,6 +416,7 @@ class FactoredProjection:
     bias: torch.Tensor
     grid: tuple[int, ...] | None = None  # the spatial shape whose Fourier features `positions` are, if shared
     _tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _features: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def materialize(self) -> torch.Tensor:
         """The projection `(B, M, out)`, computed on the first call and kept for the next ones (repeats of a block)."""
@@ -484,6 +426,34 @@ class FactoredProjection:
             positions = self.positions @ self.weight_positions.T  # (M, out) or (B, M, out)
             self._tensor = torch.addcmul(projected, positions, self.rstd.to(projected.dtype))
         return self._tensor
+
+    @property
+    def grid_rank(self) -> int:
+        """The width `r` of `grid_features()`."""
+        return _round_up(self.data.shape[-1] + sum(self.grid) + 1, 8)
+
+    def grid_features(self, dtype: torch.dtype) -> torch.Tensor:
+        """The inputs as the `(B, M, r)` features that the projection is linear in, for positions of a grid:
+        `[data, rstd * onehot(i_0), rstd * onehot(i_1), ..., 1]` at grid position `(i_0, i_1, ...)`, with zero columns
+        up to a multiple of 8 (the head sizes fused kernels take), in `dtype`. Computed on the first call and kept for
+        the next ones in the same dtype (repeats of a block)."""
+        if self._features is None or self._features.dtype != dtype:
+            one_hots = []
+            for axis, size in enumerate(self.grid):
+                shape = [1] * len(self.grid) + [size]
+                shape[axis] = size
+                eye = torch.eye(size, dtype=dtype, device=self.data.device)
+                one_hots.append(eye.view(shape).expand(*self.grid, size).reshape(-1, size))  # (M, G_a)
+            rstd = self.rstd.to(dtype)  # (B, M, 1)
+            columns = [self.data.to(dtype), torch.cat(one_hots, dim=-1) * rstd, torch.ones_like(rstd)]
+            self._features = _cat_padded(columns, self.grid_rank)  # (B, M, r)
+        return self._features
+
+    def grid_weight(self) -> torch.Tensor:
+        """The weight `(out, r)` of the projection on `grid_features()`: `[weight_data, weight_positions @ lines_0^T,
+        weight_positions @ lines_1^T, ..., bias]` (see `axis_lines`), zero-padded as the features."""
+        axis_weights = [self.weight_positions @ line.T for line in self.axis_lines()]  # (out, G_a) each
+        return _cat_padded([self.weight_data, *axis_weights, self.bias[:, None]], self.grid_rank)  # (out, r)
 
     def axis_lines(self) -> list[torch.Tensor]:
         """The positions as a sum over the grid's axes, `positions[(i, j, ...)] = lines[0][i] + lines[1][j] + ...`:
@@ -598,8 +568,8 @@ class PerceiverLiteAttention(nn.Module):
         With `positions` (`(Lk, F)` shared by the batch, the Fourier features of the spatial shape `grid`, or
         `(B, Lk, F)`), `key_value_states` holds only the data channels `(B, Lk, kv_dim - F)` and the result is that of
         their concatenation, computed without building it (`norm_and_project_concatenation`); the keys and values then
-        come as `FactoredProjection`s, which `forward` evaluates (`as_tensor`) or uses as such (`SharedQueryAttention`
-        for a query shared by the batch, `GridAttention` for positions of a grid).
+        come as `FactoredProjection`s, which `forward` evaluates (`as_tensor`) or uses as such (`_grid_attention` for
+        positions of a grid, `SharedQueryAttention` for other positions and a query shared by the batch).
         """
         if positions is not None and not _hooked(self.k_proj, self.v_proj, self.kv_norm):
             projections = norm_and_project_concatenation(
@@ -625,15 +595,15 @@ class PerceiverLiteAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         key: torch.Tensor | FactoredProjection | None = None,
-        value: torch.Tensor | None = None,
+        value: torch.Tensor | FactoredProjection | None = None,
         attention_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(key, FactoredProjection):
+            if self._attends_grid(key, value):
+                return self._grid_attention(hidden_states, key, value, attention_mask, **kwargs)
             if self._shares_query(hidden_states, key):
                 return self._shared_query_attention(hidden_states[0], key, self.as_tensor(value), attention_mask), None
-            if self._attends_grid(key, value, attention_mask):
-                return self._grid_attention(hidden_states, key, value), None
         key, value = self.as_tensor(key), self.as_tensor(value)
         input_shape = hidden_states.shape[:-1]
         if key is None and not _hooked(self.q_proj, self.k_proj, self.v_proj):  # self-attention: one product
@@ -646,12 +616,19 @@ class PerceiverLiteAttention(nn.Module):
             if key is None:
                 key, value = self.project_key_value(hidden_states)
 
+        attn_output, attn_weights = self._attend(query, key, value, attention_mask, **kwargs)
+        attn_output = attn_output.reshape(*input_shape, -1)  # (B, Lq, H * D)
+        return self.o_proj(attn_output), attn_weights
+
+    def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)` through the configured interface
+        (or `RecomputedAttention`, see `_prefers_matmul_attention`): the output `(B, Lq, H, D)` and the weights."""
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self._prefers_matmul_attention(query):
+        if self._prefers_matmul_attention(query, key, value):
             attention_interface = recomputed_attention_forward
-        attn_output, attn_weights = attention_interface(
+        return attention_interface(
             self,
             query,
             key,
@@ -661,8 +638,6 @@ class PerceiverLiteAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1)  # (B, Lq, H * D)
-        return self.o_proj(attn_output), attn_weights
 
     def _shared_query_attention(self, hidden_states, key: FactoredProjection, value, attention_mask) -> torch.Tensor:
         """`forward` for one sample's `hidden_states` `(N, dim)` shared by the batch; see `SharedQueryAttention`."""
@@ -677,29 +652,28 @@ class PerceiverLiteAttention(nn.Module):
         attn_output = attn_output.transpose(1, 2).flatten(2)  # (B, N, H * D)
         return self.o_proj(attn_output)
 
-    def _grid_attention(self, hidden_states, key: FactoredProjection, value: FactoredProjection) -> torch.Tensor:
-        """`forward` for batch-varying queries and positions of a grid; see `GridAttention`."""
+    def _grid_attention(
+        self, hidden_states, key: FactoredProjection, value: FactoredProjection, attention_mask, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` for keys and values factored from the Fourier features of a grid. Both are linear in the same
+        `(B, M, r)` features, `K = F W_k^T` and `V = F W_v^T` (`FactoredProjection.grid_features`, the biases in a
+        column of ones), so each head attends with the query `q W_k` to `F` as keys and values and maps the result
+        back, `P V = (P F) W_v^T`: exact, with `r` terms per score instead of the head size and no keys or values
+        materialised."""
         heads, head_dim = self.num_heads, self.head_dim
-        query = self._split_heads(self.q_proj(hidden_states) * self.scaling)  # (B, H, N, D)
-        query_data = query @ key.weight_data.view(heads, head_dim, -1)  # (B, H, N, C + 1)
-        lines = [line.to(query_data.dtype) for line in key.axis_lines()]  # (G_a, F) each
-        axis_keys = [(line @ key.weight_positions.T).view(len(line), heads, head_dim) for line in lines]  # (G_a, H, D)
-        axis_scores = [query @ axis_key.permute(1, 2, 0) for axis_key in axis_keys]  # (B, H, N, G_a) each
-        data, rstd = key.data.to(query_data.dtype), key.rstd[..., 0].to(query_data.dtype)
-        mixed_data, *axis_weights = GridAttention.apply(query_data, data, rstd, key.bias, key.grid, *axis_scores)
-        output = mixed_data @ value.weight_data.view(heads, head_dim, -1).transpose(-1, -2)  # (B, H, N, D)
-        for weights, line in zip(axis_weights, lines):
-            axis_values = (line @ value.weight_positions.T).view(len(line), heads, head_dim)  # (G_a, H, D)
-            output = output + weights @ axis_values.transpose(0, 1)  # (B, H, N, D)
-        output = output + value.bias.view(heads, 1, head_dim)
-        return self.o_proj(output.transpose(1, 2).flatten(2))  # (B, N, H * D)
+        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, N, D)
+        query = query @ key.grid_weight().view(heads, head_dim, -1)  # (B, H, N, r)
+        features = key.grid_features(query.dtype)[:, None].expand(-1, heads, -1, -1)  # (B, H, M, r)
+        attn_output, attn_weights = self._attend(query, features, features, attention_mask, **kwargs)  # (B, N, H, r)
+        value_weight = value.grid_weight().view(heads, head_dim, -1)  # (H, D, r)
+        attn_output = torch.einsum("bnhr,hdr->bnhd", attn_output, value_weight)  # (B, N, H, D)
+        return self.o_proj(attn_output.flatten(2)), attn_weights
 
-    def _attends_grid(self, key: FactoredProjection, value, attention_mask) -> bool:
-        """Whether `GridAttention` serves this call: keys and values factored with positions of a grid of two axes or
-        more shared by the batch, no mask, inputs that need no gradient, on the CPU sdpa path without attention dropout
-        (elsewhere torch's fused kernels are kept)."""
-        grid = key.grid is not None and len(key.grid) > 1 and isinstance(value, FactoredProjection)
-        return grid and attention_mask is None and not key.data.requires_grad and self._own_cpu_path(key.data)
+    def _attends_grid(self, key: FactoredProjection, value) -> bool:
+        """Whether `_grid_attention` serves this call: keys and values factored with the positions of a grid shared by
+        the batch, whose features are narrower than a head."""
+        factored = key.grid is not None and isinstance(value, FactoredProjection)
+        return factored and key.grid_rank < self.head_dim
 
     def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
         """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
@@ -707,10 +681,13 @@ class PerceiverLiteAttention(nn.Module):
         are kept; see `_prefers_matmul_attention`) and without attention dropout."""
         return _batch_shared(hidden_states) and key.positions.dim() == 2 and self._own_cpu_path(hidden_states)
 
-    def _prefers_matmul_attention(self, query: torch.Tensor) -> bool:
-        """On the sdpa path, half precision on the CPU runs faster through `RecomputedAttention` (same memory: nothing
-        of size `(Lq, Lk)` kept); float32 and GPUs keep torch's fused kernels. Dropout needs the fused kernels."""
-        return query.dtype in (torch.bfloat16, torch.float16) and self._own_cpu_path(query)
+    def _prefers_matmul_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """On the sdpa path on the CPU, `RecomputedAttention` (same memory: nothing of size `(Lq, Lk)` kept) is faster
+        in half precision, and in float32 where only the query needs a gradient (the fused kernel's backward computes
+        all three); otherwise, and on GPUs, torch's fused kernels. Dropout needs the fused kernels."""
+        half = query.dtype in (torch.bfloat16, torch.float16)
+        only_query_gradient = query.requires_grad and not (key.requires_grad or value.requires_grad)
+        return (half or only_query_gradient) and self._own_cpu_path(query)
 
     def _own_cpu_path(self, tensor: torch.Tensor) -> bool:
         """Whether this call may take one of this module's own attention functions instead of torch's fused kernels:

@@ -8,7 +8,6 @@ from torch import nn
 from perceiver_lite import PerceiverLiteConfig, PerceiverLiteModel
 from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
-    GridAttention,
     PerceiverLiteAttention,
     PerceiverLiteFourierFeatures,
     RecomputedAttention,
@@ -52,8 +51,9 @@ def gradients(model, output):
 
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])
-def test_shared_key_values_and_split_embeddings_match_recomputation(model_tester, pre_norm, masked):
-    config = model_tester.get_config(pre_norm=pre_norm)
+@pytest.mark.parametrize("cross_heads", [2, 1], ids=["materialized", "grid-features"])
+def test_shared_key_values_and_split_embeddings_match_recomputation(model_tester, pre_norm, masked, cross_heads):
+    config = model_tester.get_config(pre_norm=pre_norm, cross_heads=cross_heads)
     assert len(set(config.layers_indice)) < len(config.layers_indice)  # a block runs twice
     model = make_model(config).train()
     inputs = model_tester.prepare_inputs() * 4 + 3  # off-centre data: stresses the combined norm statistics
@@ -112,10 +112,12 @@ def test_norm_and_project_concatenation_is_exact(norm, shared_positions):
 
 
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16-autocast"])
-def test_sdpa_path_keeps_no_cross_attention_matrix_for_backward(model_tester, autocast_dtype):
+@pytest.mark.parametrize("cross_heads", [2, 1], ids=["materialized", "grid-features"])
+def test_sdpa_path_keeps_no_cross_attention_matrix_for_backward(model_tester, autocast_dtype, cross_heads):
     """Training saves tensors for the backward pass; on the sdpa path none of them is a (latents x inputs) matrix, in
-    float32 (torch's fused kernel) as in half precision (`RecomputedAttention`)."""
-    config = model_tester.get_config()
+    float32 (torch's fused kernel) as in half precision (`RecomputedAttention`), for materialised keys and values as
+    for grid features."""
+    config = model_tester.get_config(cross_heads=cross_heads)
     inputs = model_tester.prepare_inputs()
     num_latents, num_inputs = config.num_latent_tokens, inputs[0, 0].numel()
 
@@ -156,10 +158,12 @@ def test_half_precision_softmax_is_safe(model_tester, attn_implementation, dtype
     assert ((output >= low - 1e-2) & (output <= high + 1e-2)).all()
 
 
-def test_torch_compile_matches_eager_mode(model_tester):
+@pytest.mark.parametrize("cross_heads", [2, 1], ids=["materialized", "grid-features"])
+def test_torch_compile_matches_eager_mode(model_tester, cross_heads):
     if not torch._dynamo.is_dynamo_supported():
         pytest.skip("torch.compile is not supported on this platform")
-    model = make_model(model_tester.get_config(layers_indice=[0, 0], num_latent_transformers_in_layers=[1]))
+    config = model_tester.get_config(layers_indice=[0, 0], num_latent_transformers_in_layers=[1], cross_heads=cross_heads)
+    model = make_model(config)
     inputs = model_tester.prepare_inputs()
     expected = model(inputs).last_hidden_state
     compiled = torch.compile(model)  # the default backend, inductor
@@ -281,12 +285,12 @@ def test_only_the_first_cross_attend_shares_its_query(model_tester, masked, monk
     assert len(calls) == (0 if masked else 1)
 
 
-def grid_attention_setup(grid, cross_heads=2):
-    """A float64 cross-attention with a non-trivial input norm, latents, and data channels with the Fourier features
-    of `grid` shared by the batch."""
+def grid_attention_setup(grid):
+    """A float64 cross-attention with a non-trivial input norm, two heads wider than the grid's features, latents, and
+    data channels with the Fourier features of `grid` shared by the batch."""
     generator = torch.Generator().manual_seed(0)
     config = PerceiverLiteConfig(
-        data_shape=[3, *grid], num_latent_tokens=5, dim=16, heads=2, cross_heads=cross_heads, num_bands=2,
+        data_shape=[3, *grid], num_latent_tokens=5, dim=16, heads=2, cross_heads=2, head_dim=24, num_bands=2,
         layers_indice=[0], num_latent_transformers_in_layers=[1],
     )
     config._attn_implementation = "sdpa"  # as a model sets it
@@ -301,68 +305,65 @@ def grid_attention_setup(grid, cross_heads=2):
     return attention, data, positions, hidden_states
 
 
+def count_grid_attention(monkeypatch) -> list:
+    """Calls of `PerceiverLiteAttention._grid_attention`, from now on."""
+    calls, grid_attention = [], PerceiverLiteAttention._grid_attention
+    monkeypatch.setattr(
+        PerceiverLiteAttention, "_grid_attention", lambda *a, **k: calls.append(1) or grid_attention(*a, **k)
+    )
+    return calls
+
+
 @pytest.mark.parametrize("grid", [(4, 5), (2, 3, 4)], ids=["2-D", "3-D"])
-@pytest.mark.parametrize("scores_budget", [1, 30, 1 << 22], ids=["one-row-one-sample", "some-rows", "whole-batch"])
-def test_grid_attention_matches_materialized_keys_and_values(grid, scores_budget, monkeypatch):
-    """For batch-varying queries and the Fourier features of a grid, `GridAttention` (the cross-attention with the
-    position scores and values summed per axis) equals attention to the materialised keys and values, forward and
-    backward (every parameter and the queries), in any blocks of query rows and samples."""
-    monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", scores_budget)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["plain", "masked", "data-gradient", "one-row-one-sample"])
+def test_grid_attention_matches_materialized_keys_and_values(grid, attn_implementation, case, monkeypatch):
+    """For the Fourier features of a grid, attention to the grid features (`_grid_attention`) equals attention to the
+    materialised keys and values, forward and backward (every parameter, the queries, and the data where it needs a
+    gradient), with a key padding mask, on both attention paths, in any blocks of query rows and samples."""
+    if case == "one-row-one-sample":
+        monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", 1)
     attention, data, positions, hidden_states = grid_attention_setup(grid)
-    calls = []
-    forward = GridAttention.forward
-    monkeypatch.setattr(GridAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    attention.config._attn_implementation = attn_implementation
+    data.requires_grad_(case == "data-gradient")
+    mask = None
+    if case == "masked":
+        mask = torch.rand(3, 1, 1, len(positions), generator=torch.Generator().manual_seed(1)) > 0.4
+        mask[..., 0] = True
+    calls = count_grid_attention(monkeypatch)
 
     def run(materialize: bool):
         key, value = attention.project_key_value(data, positions, grid)
         if materialize:
             key, value = attention.as_tensor(key), attention.as_tensor(value)
-        output, _ = attention(hidden_states, key, value)
-        inputs = [hidden_states, *attention.parameters()]
-        return output, torch.autograd.grad(output, inputs, torch.ones_like(output) + output.detach())
+        output, weights = attention(hidden_states, key, value, mask)
+        inputs = [hidden_states, *attention.parameters(), *([data] if data.requires_grad else [])]
+        return output, weights, torch.autograd.grad(output, inputs, torch.ones_like(output) + output.detach())
 
-    fast, fast_grads = run(materialize=False)
+    fast, fast_weights, fast_grads = run(materialize=False)
     assert calls == [1]
-    slow, slow_grads = run(materialize=True)
+    slow, slow_weights, slow_grads = run(materialize=True)
     assert calls == [1]
     torch.testing.assert_close(fast, slow)
-    names = ["hidden_states", *(name for name, _ in attention.named_parameters())]
+    if attn_implementation == "eager":  # the attention weights are those of the materialised keys
+        torch.testing.assert_close(fast_weights, slow_weights)
+    names = ["hidden_states", *(name for name, _ in attention.named_parameters()), "data"]
     for name, a, b in zip(names, fast_grads, slow_grads):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_grid_attention_gradcheck():
-    """`GridAttention`'s hand-written backward against finite differences (float64), for its query inputs."""
-    generator = torch.Generator().manual_seed(0)
-    grid, batch_size, heads, num_latents, channels = (3, 4), 2, 2, 3, 4
-
-    def tensor(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
-
-    query_data = tensor(batch_size, heads, num_latents, channels)
-    axis_scores = [tensor(batch_size, heads, num_latents, size) for size in grid]
-    data = torch.randn(batch_size, 12, channels, generator=generator, dtype=torch.float64)
-    rstd = torch.rand(batch_size, 12, generator=generator, dtype=torch.float64) + 0.5
-    bias = torch.zeros(heads * 5, dtype=torch.float64, requires_grad=True)
-
-    def grid_attention(query_data, *axis_scores):
-        return GridAttention.apply(query_data, data, rstd, bias, grid, *axis_scores)
-
-    assert torch.autograd.gradcheck(grid_attention, (query_data, *axis_scores))
-
-
 @pytest.mark.parametrize(
-    "case", ["shared-positions", "per-sample-positions", "eager", "checkpointing", "input-gradient"]
+    "case", ["grid", "per-sample-positions", "features-wider-than-heads", "eager", "checkpointing", "input-gradient"]
 )
-def test_grid_attention_serves_the_cross_attends_after_the_first(model_tester, case, monkeypatch):
-    """After the first cross-attend (the batch-shared query) every cross-attend runs as `GridAttention` on the CPU
-    sdpa path for unpadded grid inputs; not with per-sample positions (padding), on the eager path, under gradient
-    checkpointing (its arguments must be tensors) or for inputs that need a gradient (saliency)."""
-    model = make_model(model_tester.get_config(layers_indice=[0, 0, 1]))
+def test_grid_attention_serves_cross_attends_to_grid_features_narrower_than_a_head(model_tester, case, monkeypatch):
+    """Every cross-attend to unpadded grid inputs runs on the grid features when they are narrower than a head (here
+    `3 + 1 + 8 + 8 + 1` columns, 24 with padding, against heads of 32, or 16 with two heads), on either attention path
+    and for inputs that need a gradient; not with per-sample positions (padding) or under gradient checkpointing (its
+    arguments must be tensors)."""
+    cross_heads = 2 if case == "features-wider-than-heads" else 1
+    model = make_model(model_tester.get_config(layers_indice=[0, 0, 1], cross_heads=cross_heads))
     inputs = model_tester.prepare_inputs()
-    calls = []
-    forward = GridAttention.forward
-    monkeypatch.setattr(GridAttention, "forward", staticmethod(lambda *args: calls.append(1) or forward(*args)))
+    calls = count_grid_attention(monkeypatch)
     if case == "eager":
         model.set_attn_implementation("eager")
     if case == "checkpointing":
@@ -370,4 +371,26 @@ def test_grid_attention_serves_the_cross_attends_after_the_first(model_tester, c
     if case == "input-gradient":
         inputs.requires_grad_()
     model(inputs, attention_mask=padding_mask() if case == "per-sample-positions" else None)
-    assert len(calls) == (2 if case == "shared-positions" else 0)
+    served = case in ("grid", "eager", "input-gradient")
+    assert len(calls) == (3 if served else 0)
+
+
+def test_recomputed_attention_computes_only_the_gradients_asked_for(monkeypatch):
+    """With only the query needing a gradient (keys and values of the inputs alone), `RecomputedAttention`'s backward
+    computes that gradient alone (one product written out instead of three), equal to the one of the full backward."""
+    query, key, value = (torch.randn(3, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    products = []
+    matmul_into = modeling._matmul_into
+    monkeypatch.setattr(modeling, "_matmul_into", lambda *a, **k: products.append(1) or matmul_into(*a, **k))
+
+    def backward_products(*inputs) -> int:
+        output = RecomputedAttention.apply(*inputs, None, 0.5)
+        products.clear()
+        output.sum().backward()
+        return len(products)
+
+    full = [tensor.clone().requires_grad_() for tensor in (query, key, value)]
+    assert backward_products(*full) == 3
+    assert backward_products(query.requires_grad_(), key, value) == 1
+    torch.testing.assert_close(query.grad, full[0].grad)
+    assert torch.autograd.gradcheck(lambda q: RecomputedAttention.apply(q, key, value, None, 0.5), (query,))
