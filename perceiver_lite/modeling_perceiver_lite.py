@@ -229,8 +229,10 @@ class RecomputedAttention(torch.autograd.Function):
     saves the queries, keys and values and recomputes the probabilities there, a block of query rows and samples at a
     time, so its transient memory stays under `SCORES_BUDGET` scores. On the CPU in half precision this is faster than
     torch's fused attention kernel (bfloat16 / float16 matmuls run on the CPU's matrix instructions; the fused kernel's
-    blocks do not), at the price of one extra `Q K^T` product in the backward pass. The softmax and its gradient stay
-    in the inputs' dtype: torch's CPU kernels accumulate half precision in float32."""
+    blocks do not), at the price of one extra `Q K^T` product in the backward pass. Its backward computes only the
+    gradients asked for (the fused kernel's computes all three), which makes it the faster one in float32 too where the
+    keys and values need none. The softmax and its gradient stay in the inputs' dtype: torch's CPU kernels accumulate
+    half precision in float32."""
 
     SCORES_BUDGET = 1 << 22
 

@@ -1,0 +1,70 @@
+"""`scripts/benchmark.py` runs end to end (`--quick`: tiny sizes, one repeat) and reports what it measured
+consistently. It checks the report, never the speed: speed is for the benchmark itself, on a quiet machine."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_growth_exponent_recovers_a_power_law():
+    benchmark = load_benchmark()
+    sizes = [4107, 16428, 65712]
+    assert benchmark.growth_exponent(sizes, [3.0 * s**0.8 for s in sizes]) == pytest.approx(0.8)
+    assert benchmark.growth_exponent(sizes, [7.0] * 3) == pytest.approx(0.0)
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    pytest.importorskip("perceiver_pytorch", reason="the bench extra (perceiver-pytorch) is not installed")
+    output_dir = tmp_path_factory.mktemp("benchmark")
+    command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--output-dir", str(output_dir)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((output_dir / "benchmark-cpu-quick.json").read_text())
+    return results, (output_dir / "benchmark-cpu-quick.md").read_text()
+
+
+def test_quick_benchmark_reports_every_model_of_every_scenario(quick_results):
+    results, markdown = quick_results
+    benchmark = load_benchmark()
+    rows = results["rows"]
+    for scenario, models in benchmark.SCENARIO_MODELS.items():
+        for dtype in ("float32", "bfloat16") if scenario != "C" else ("float32",):
+            reported = [row["model"] for row in rows if row["scenario"] == scenario and row["dtype"] == dtype]
+            sizes = 2 if scenario == "C" else 1  # scenario C: one row per model and input size
+            assert sorted(reported) == sorted(models * sizes), (scenario, dtype)
+    for row in rows:
+        assert row["train_peak_mib"] > 0 and row.get("parameters", 1) > 0, row
+        assert row.get("train_samples_per_s", 1) > 0 and row.get("train_step_s", 1) > 0, row
+    assert set(results["growth_exponents"]) == set(benchmark.SCENARIO_MODELS["C"])
+    assert all(math.isfinite(v) for e in results["growth_exponents"].values() for v in e.values())
+    assert results["environment"]["command"].startswith("python scripts/benchmark.py --quick")
+    assert markdown.count("| A |") == 10 and markdown.count("| B |") == 4 and markdown.count("| C |") == 6
+
+
+def test_quick_benchmark_ratios_are_against_the_best_peer(quick_results):
+    results, _ = quick_results
+    for scenario in ("A", "B"):
+        for dtype in ("float32", "bfloat16"):
+            rows = [r for r in results["rows"] if r["scenario"] == scenario and r["dtype"] == dtype]
+            peers = [r for r in rows if r["model"] in ("transformers", "perceiver-pytorch")]
+            fastest = max(r["train_samples_per_s"] for r in peers)
+            leanest = min(r["train_peak_mib"] for r in peers)
+            for row in rows:
+                assert row["train_samples_per_s_vs_best_peer"] == pytest.approx(row["train_samples_per_s"] / fastest)
+                assert row["train_peak_mib_vs_best_peer"] == pytest.approx(row["train_peak_mib"] / leanest)
