@@ -430,7 +430,7 @@ class FactoredProjection:
         return self._tensor
 
     @property
-    def grid_rank(self) -> int:
+    def grid_width(self) -> int:
         """The width `r` of `grid_features()`."""
         return _round_up(self.data.shape[-1] + sum(self.grid) + 1, 8)
 
@@ -448,14 +448,14 @@ class FactoredProjection:
                 one_hots.append(eye.view(shape).expand(*self.grid, size).reshape(-1, size))  # (M, G_a)
             rstd = self.rstd.to(dtype)  # (B, M, 1)
             columns = [self.data.to(dtype), torch.cat(one_hots, dim=-1) * rstd, torch.ones_like(rstd)]
-            self._features = _cat_padded(columns, self.grid_rank)  # (B, M, r)
+            self._features = _cat_padded(columns, self.grid_width)  # (B, M, r)
         return self._features
 
     def grid_weight(self) -> torch.Tensor:
         """The weight `(out, r)` of the projection on `grid_features()`: `[weight_data, weight_positions @ lines_0^T,
         weight_positions @ lines_1^T, ..., bias]` (see `axis_lines`), zero-padded as the features."""
         axis_weights = [self.weight_positions @ line.T for line in self.axis_lines()]  # (out, G_a) each
-        return _cat_padded([self.weight_data, *axis_weights, self.bias[:, None]], self.grid_rank)  # (out, r)
+        return _cat_padded([self.weight_data, *axis_weights, self.bias[:, None]], self.grid_width)  # (out, r)
 
     def axis_lines(self) -> list[torch.Tensor]:
         """The positions as a sum over the grid's axes, `positions[(i, j, ...)] = lines[0][i] + lines[1][j] + ...`:
@@ -675,7 +675,7 @@ class PerceiverLiteAttention(nn.Module):
         """Whether `_grid_attention` serves this call: keys and values factored with the positions of a grid shared by
         the batch, whose features are narrower than a head."""
         factored = key.grid is not None and isinstance(value, FactoredProjection)
-        return factored and key.grid_rank < self.head_dim
+        return factored and key.grid_width < self.head_dim
 
     def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
         """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
