@@ -314,7 +314,7 @@ def count_grid_attention(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("grid", [(4, 5), (2, 3, 4)], ids=["2-D", "3-D"])
+@pytest.mark.parametrize("grid", [(6,), (4, 5), (2, 3, 4)], ids=["1-D", "2-D", "3-D"])
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 @pytest.mark.parametrize("case", ["plain", "masked", "data-gradient", "one-row-one-sample"])
 def test_grid_attention_matches_materialized_keys_and_values(grid, attn_implementation, case, monkeypatch):
