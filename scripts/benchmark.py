@@ -7,7 +7,8 @@
 Every model gets the same inputs and labels and a matched size: the same latents, widths, depths, heads and Fourier
 bands, and feed-forward layers of the same size (perceiver-pytorch's fixed GEGLU with factor 4 equals a plain
 feed-forward of width 6 x dim, so ours and transformers' use 6 x dim); parameter counts are printed. Measurements are
-interleaved across models and the minimum over repeats is kept, which filters out noise from other processes.
+interleaved across models and the minimum over repeats is kept, which filters out noise from other processes; the
+short measurements (inference, and the matmul products that give this machine's rate) get four times the rounds.
 
 - Scenario A: one cross-attend then 6 latent self-attention layers, in float32 and under bfloat16 autocast: inference
   and training-step (forward, backward, AdamW step) throughput, the peak memory of a training step and the achieved
@@ -260,6 +261,9 @@ def timed(fn, device: str) -> float:
     return CLOCK() - start
 
 
+SHORT_ROUNDS = 4  # measurements of a fraction of a second (a matmul, an inference) get this many times the rounds
+
+
 def interleaved_minimum(functions: dict, device: str, repeats: int, warmup: int = 1) -> dict:
     """The minimum time of each function over `repeats` rounds; each round runs every function once, in turn."""
     for fn in functions.values():
@@ -372,7 +376,8 @@ def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dic
     for dtype in ("float32", "bfloat16"):
         runners = {name: Runner(name, setup, device, dtype) for name in names}
         flops = {name: runners[name].flops() for name in names}
-        inference = interleaved_minimum({n: r.infer for n, r in runners.items() if n != "ours (checkpointing)"}, device, repeats)
+        inferring = {n: r.infer for n, r in runners.items() if n != "ours (checkpointing)"}
+        inference = interleaved_minimum(inferring, device, SHORT_ROUNDS * repeats)
         training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
         del runners
         gc.collect()
@@ -535,7 +540,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds per measurement (default 5, quick 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per training measurement (default 5, quick 1)")
     parser.add_argument("--batch-size", type=int, default=None, help="scenario A and B batch (default 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument(
@@ -580,8 +585,10 @@ def main():
         "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
     }
 
-    # minimum over many short products: the peak rate, robust to a passing slowdown of this shared machine
-    rates = matmul_rates(args.device, repeats=4 * max(repeats, 3), size=256 if args.quick else 2048)
+    # minimum over many short products: the peak rate, robust to a passing slowdown of this shared machine; a GPU
+    # needs larger ones (a 2048^3 bfloat16 product takes tens of microseconds there, as long as the synchronisation)
+    size = 256 if args.quick else {"cpu": 2048, "cuda": 8192}[args.device]
+    rates = matmul_rates(args.device, repeats=SHORT_ROUNDS * max(repeats, 3), size=size)
     print(f"matmul GFLOP/s: {rates}", flush=True)
     memory = peak_memories(memory_jobs(setups, image_sizes), args.device)
     rows = scenario_a(setups["A"], args.device, repeats, rates, memory)

@@ -68,3 +68,14 @@ def test_quick_benchmark_ratios_are_against_the_best_peer(quick_results):
             for row in rows:
                 assert row["train_samples_per_s_vs_best_peer"] == pytest.approx(row["train_samples_per_s"] / fastest)
                 assert row["train_peak_mib_vs_best_peer"] == pytest.approx(row["train_peak_mib"] / leanest)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: `--device cuda` runs")
+    command = [sys.executable, str(SCRIPT), "--quick", "--device", "cuda", "--output-dir", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "--device cuda: no CUDA device is available" in completed.stderr
+    assert not list(tmp_path.iterdir())  # stopped before measuring anything
