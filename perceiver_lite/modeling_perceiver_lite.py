@@ -303,6 +303,12 @@ def recomputed_attention_forward(module, query, key, value, attention_mask, scal
     return attn_output.transpose(1, 2).contiguous(), None  # (B, Lq, H, D)
 
 
+def kept_probabilities_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """The same batched matmuls through autograd, which keeps the probabilities for the backward pass (no dropout); no
+    weights returned, as on torch's fused path."""
+    return eager_attention_forward(module, query, key, value, attention_mask, scaling)[0], None
+
+
 class SharedQueryAttention(torch.autograd.Function):
     """Attention of a query shared by every sample (the latents before their first cross-attend) to keys in the factored
     form of `FactoredProjection`, `K_b = X_b W_x^T + r_b * (P W_p^T) + c` with the positions `P` shared by the batch:
@@ -550,6 +556,7 @@ class PerceiverLiteAttention(nn.Module):
         super().__init__()
         self.config = config
         self.is_causal = False
+        self.is_cross_attention = is_cross_attention
         self.num_heads = config.cross_heads if is_cross_attention else config.heads
         self.head_dim = config.head_dim or config.dim // self.num_heads
         self.scaling = self.head_dim**-0.5
@@ -624,12 +631,10 @@ class PerceiverLiteAttention(nn.Module):
 
     def _attend(self, query, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)` through the configured interface
-        (or `RecomputedAttention`, see `_prefers_matmul_attention`): the output `(B, Lq, H, D)` and the weights."""
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        (or plain batched matmuls, see `_matmul_attention`): the output `(B, Lq, H, D)` and the weights."""
+        attention_interface = self._matmul_attention(query, key, value) or ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if self._prefers_matmul_attention(query, key, value):
-            attention_interface = recomputed_attention_forward
         return attention_interface(
             self,
             query,
@@ -680,16 +685,24 @@ class PerceiverLiteAttention(nn.Module):
     def _shares_query(self, hidden_states: torch.Tensor, key: FactoredProjection) -> bool:
         """Whether `SharedQueryAttention` serves this call: one query for the whole batch (`hidden_states` expanded
         along it), position features shared by the batch, on the sdpa path on the CPU (elsewhere torch's fused kernels
-        are kept; see `_prefers_matmul_attention`) and without attention dropout."""
+        are kept; see `_matmul_attention`) and without attention dropout."""
         return _batch_shared(hidden_states) and key.positions.dim() == 2 and self._own_cpu_path(hidden_states)
 
-    def _prefers_matmul_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-        """On the sdpa path on the CPU, `RecomputedAttention` (same memory: nothing of size `(Lq, Lk)` kept) is faster
-        in half precision, and in float32 where only the query needs a gradient (the fused kernel's backward computes
-        all three); otherwise, and on GPUs, torch's fused kernels. Dropout needs the fused kernels."""
+    def _matmul_attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Callable | None:
+        """On the sdpa path on the CPU, plain batched matmuls beat torch's fused kernel in half precision, and in float32
+        where only the query needs a gradient (the fused kernel's backward computes all three); otherwise, and on GPUs,
+        the fused kernels (None). Dropout needs the fused kernels. A self-attention whose `(Lq, Lk)` probabilities fit
+        in `RecomputedAttention.SCORES_BUDGET` (8 MiB in half precision: the latents' own, never the inputs') keeps
+        them for the backward pass, which saves recomputing them there; anything else keeps nothing of that size
+        (`RecomputedAttention`)."""
         half = query.dtype in (torch.bfloat16, torch.float16)
         only_query_gradient = query.requires_grad and not (key.requires_grad or value.requires_grad)
-        return (half or only_query_gradient) and self._own_cpu_path(query)
+        if not ((half or only_query_gradient) and self._own_cpu_path(query)):
+            return None
+        num_scores = query.shape[:-1].numel() * key.shape[-2]  # B * H * Lq * Lk
+        if half and not self.is_cross_attention and num_scores <= RecomputedAttention.SCORES_BUDGET:
+            return kept_probabilities_attention_forward
+        return recomputed_attention_forward
 
     def _own_cpu_path(self, tensor: torch.Tensor) -> bool:
         """Whether this call may take one of this module's own attention functions instead of torch's fused kernels:

@@ -203,6 +203,35 @@ def test_recomputed_attention_matches_eager(mask_rows, scores_budget, monkeypatc
     torch.testing.assert_close(output.transpose(1, 2), expected, rtol=1e-5, atol=1e-6)
 
 
+
+def test_half_precision_self_attention_keeps_probabilities_within_the_scores_budget(model_tester, monkeypatch):
+    """On the sdpa path under bfloat16 autocast, each latent self-attention keeps its `(latents x latents)`
+    probabilities for backward when they fit `RecomputedAttention.SCORES_BUDGET`, and recomputes them (keeping nothing
+    of that size) when they do not; the gradients are the same. In float32 the fused kernel keeps none."""
+    config = model_tester.get_config(num_latent_tokens=12)  # (12 x 12) probabilities, (12 x 8) heads
+    model = make_model(config).train()
+    inputs = model_tester.prepare_inputs()
+    probabilities_shape = (model_tester.batch_size, config.heads, config.num_latent_tokens, config.num_latent_tokens)
+    num_self_attentions = sum(len(model.blocks[index].layers) for index in config.layers_indice)
+
+    def kept_probabilities_and_gradients(autocast: bool):
+        shapes = []
+        with (
+            torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        ):
+            output = model(inputs).last_hidden_state.float()
+        return shapes.count(probabilities_shape), gradients(model, output)
+
+    kept, kept_gradients = kept_probabilities_and_gradients(autocast=True)
+    assert kept >= num_self_attentions  # the softmax saves its output (the product after it may save a view)
+    assert kept_probabilities_and_gradients(autocast=False)[0] == 0
+    monkeypatch.setattr(RecomputedAttention, "SCORES_BUDGET", probabilities_shape[0] * probabilities_shape[1] * 143)
+    recomputed, recomputed_gradients = kept_probabilities_and_gradients(autocast=True)
+    assert recomputed == 0
+    for name, gradient in kept_gradients.items():
+        torch.testing.assert_close(recomputed_gradients[name], gradient, rtol=2e-2, atol=2e-3, msg=name)
+
 def test_self_attention_single_product_matches_separate_projections(model_tester):
     config = model_tester.get_config()
     config._attn_implementation = "eager"
