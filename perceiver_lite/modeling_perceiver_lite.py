@@ -425,6 +425,7 @@ class FactoredProjection:
     grid: tuple[int, ...] | None = None  # the spatial shape whose Fourier features `positions` are, if shared
     _tensor: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     _features: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    _weight: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     def materialize(self) -> torch.Tensor:
         """The projection `(B, M, out)`, computed on the first call and kept for the next ones (repeats of a block)."""
@@ -459,9 +460,13 @@ class FactoredProjection:
 
     def grid_weight(self) -> torch.Tensor:
         """The weight `(out, r)` of the projection on `grid_features()`: `[weight_data, weight_positions @ lines_0^T,
-        weight_positions @ lines_1^T, ..., bias]` (see `axis_lines`), zero-padded as the features."""
-        axis_weights = [self.weight_positions @ line.T for line in self.axis_lines()]  # (out, G_a) each
-        return _cat_padded([self.weight_data, *axis_weights, self.bias[:, None]], self.grid_width)  # (out, r)
+        weight_positions @ lines_1^T, ..., bias]` (see `axis_lines`), zero-padded as the features. Computed on the
+        first call and kept for the next ones (repeats of a block)."""
+        if self._weight is None:
+            axis_weights = [self.weight_positions @ line.T for line in self.axis_lines()]  # (out, G_a) each
+            columns = [self.weight_data, *axis_weights, self.bias[:, None]]
+            self._weight = _cat_padded(columns, self.grid_width)  # (out, r)
+        return self._weight
 
     def axis_lines(self) -> list[torch.Tensor]:
         """The positions as a sum over the grid's axes, `positions[(i, j, ...)] = lines[0][i] + lines[1][j] + ...`:

@@ -43,6 +43,17 @@ def straightforward_forward(model, inputs, attention_mask=None):
     return latents
 
 
+def forward_saving(model, inputs, autocast_dtype=None):
+    """The model's last hidden state (float32), and the shapes of the tensors its forward saved for backward."""
+    shapes = []
+    with (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
+        torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
+    ):
+        output = model(inputs).last_hidden_state.float()
+    return output, shapes
+
+
 def gradients(model, output):
     model.zero_grad(set_to_none=True)
     output.square().mean().backward()
@@ -122,13 +133,8 @@ def test_sdpa_path_keeps_no_cross_attention_matrix_for_backward(model_tester, au
     num_latents, num_inputs = config.num_latent_tokens, inputs[0, 0].numel()
 
     def saved_attention_matrices(attn_implementation):
-        model = make_model(config, attn_implementation).train()
-        shapes = []
-        with (
-            torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
-            torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None),
-        ):
-            model(inputs).last_hidden_state.float().sum().backward()
+        output, shapes = forward_saving(make_model(config, attn_implementation).train(), inputs, autocast_dtype)
+        output.sum().backward()
         return [shape for shape in shapes if shape[-2:] == (num_latents, num_inputs)]
 
     assert saved_attention_matrices("eager")  # the check sees the matrix where it exists
@@ -202,8 +208,6 @@ def test_recomputed_attention_matches_eager(mask_rows, scores_budget, monkeypatc
     expected, _ = eager_attention_forward(module, *[t.detach().requires_grad_() for t in inputs], mask, scaling=0.5)
     torch.testing.assert_close(output.transpose(1, 2), expected, rtol=1e-5, atol=1e-6)
 
-
-
 def test_half_precision_self_attention_keeps_probabilities_within_the_scores_budget(model_tester, monkeypatch):
     """On the sdpa path under bfloat16 autocast, each latent self-attention keeps its `(latents x latents)`
     probabilities for backward when they fit `RecomputedAttention.SCORES_BUDGET`, and recomputes them (keeping nothing
@@ -215,12 +219,7 @@ def test_half_precision_self_attention_keeps_probabilities_within_the_scores_bud
     num_self_attentions = sum(len(model.blocks[index].layers) for index in config.layers_indice)
 
     def kept_probabilities_and_gradients(autocast: bool):
-        shapes = []
-        with (
-            torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t),
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
-        ):
-            output = model(inputs).last_hidden_state.float()
+        output, shapes = forward_saving(model, inputs, torch.bfloat16 if autocast else None)
         return shapes.count(probabilities_shape), gradients(model, output)
 
     kept, kept_gradients = kept_probabilities_and_gradients(autocast=True)
@@ -231,6 +230,7 @@ def test_half_precision_self_attention_keeps_probabilities_within_the_scores_bud
     assert recomputed == 0
     for name, gradient in kept_gradients.items():
         torch.testing.assert_close(recomputed_gradients[name], gradient, rtol=2e-2, atol=2e-3, msg=name)
+
 
 def test_self_attention_single_product_matches_separate_projections(model_tester):
     config = model_tester.get_config()
