@@ -423,3 +423,37 @@ def test_recomputed_attention_computes_only_the_gradients_asked_for(monkeypatch)
     assert backward_products(query.requires_grad_(), key, value) == 1
     torch.testing.assert_close(query.grad, full[0].grad)
     assert torch.autograd.gradcheck(lambda q: RecomputedAttention.apply(q, key, value, None, 0.5), (query,))
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["grid-features", "per-sample-positions"])
+def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dtype, masked, monkeypatch):
+    """Off the CPU every attention takes torch's fused kernels (`_own_cpu_path` is False): the cross-attends to the grid
+    features (expanded along the heads, stride 0) and to per-sample positions included. Run here on the CPU's fused
+    kernels, that path gives the outputs and gradients of this CPU's own attention functions."""
+    model = make_model(model_tester.get_config(cross_heads=1)).train()
+    inputs, mask = model_tester.prepare_inputs(), padding_mask() if masked else None
+    own_cpu_path, sdpa = PerceiverLiteAttention._own_cpu_path, nn.functional.scaled_dot_product_attention
+    fused_calls = []
+    monkeypatch.setattr(
+        nn.functional, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k)
+    )
+
+    def run(fused: bool):
+        monkeypatch.setattr(PerceiverLiteAttention, "_own_cpu_path", lambda *a: not fused and own_cpu_path(*a))
+        fused_calls.clear()
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            output = model(inputs, attention_mask=mask).last_hidden_state.float()
+        return output, gradients(model, output)
+
+    fast, fast_grads = run(fused=False)
+    fused, fused_grads = run(fused=True)
+    assert len(fused_calls) == model_tester.num_cross_attentions + model_tester.num_self_attention_layers
+    tolerance = dict(rtol=0.05, atol=0.05) if autocast_dtype else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused, fast, **tolerance)
+    for name in fast_grads:
+        if name.endswith("k_proj.bias"):  # zero but for rounding: the softmax over the keys ignores their bias
+            torch.testing.assert_close(fused_grads[name], fast_grads[name], rtol=0, atol=1e-6, msg=name)
+            continue
+        scale = fast_grads[name].abs().max()  # relative to the parameter's largest gradient
+        torch.testing.assert_close(fused_grads[name] / scale, fast_grads[name] / scale, **tolerance, msg=name)
