@@ -35,6 +35,12 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _has_values(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds values to check; not on the meta device (shapes only: tracing, counting FLOPs), where the
+    checks of shapes and dtypes still run and those of values are skipped."""
+    return tensor.device.type != "meta"
+
+
 def _describe(tensor) -> str:
     return f"{type(tensor).__name__}" if not isinstance(tensor, torch.Tensor) else f"shape {list(tensor.shape)}"
 
@@ -59,7 +65,9 @@ def _check_tensor(
         raise TypeError(f"`{name}` must be a floating point tensor, got dtype {tensor.dtype}; convert it with `.float()`")
     if floating is False and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
         raise TypeError(f"`{name}` must be an integer tensor, got dtype {tensor.dtype}")
-    if tensor.is_floating_point() and not torch.isfinite(tensor.to(dtype or tensor.dtype)).all():
+    if not tensor.is_floating_point() or not _has_values(tensor):
+        return
+    if not torch.isfinite(tensor.to(dtype or tensor.dtype)).all():
         beyond = f" (or values beyond the range of the model's {dtype})" if dtype not in (None, tensor.dtype) else ""
         raise ValueError(
             f"`{name}` contains NaN or Inf values{beyond}; clean the inputs (for example with torch.nan_to_num)"
@@ -73,7 +81,7 @@ def _check_mask(name: str, mask, allowed_shapes: list[tuple[int, ...]]):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape {expected}, got {type(mask).__name__}")
     if tuple(mask.shape) not in allowed_shapes:
         raise ValueError(f"`{name}` must have shape {expected}, got {list(mask.shape)}")
-    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+    if mask.dtype != torch.bool and _has_values(mask) and not ((mask == 0) | (mask == 1)).all():
         raise ValueError(f"`{name}` must hold 1 (attend) or 0 (padding), got values {mask.unique().tolist()[:8]}")
 
 
@@ -167,7 +175,7 @@ class PerceiverLiteEmbeddings(nn.Module):
         extents = None
         if attention_mask is not None:
             attention_mask = attention_mask.reshape(batch_size, -1).bool()  # (B, M)
-            if attention_mask.all():
+            if _has_values(attention_mask) and attention_mask.all():  # on the meta device: taken as padding
                 attention_mask = None
             else:
                 extents = _valid_extents(attention_mask.view(batch_size, *spatial_shape))
@@ -1120,7 +1128,7 @@ class PerceiverLiteClassificationMixin:
         if labels.dtype != torch.long:
             raise TypeError(f"`labels` must be {expected}, got dtype {labels.dtype}; convert them with `.long()`")
         invalid = (labels != -100) & ((labels < 0) | (labels >= num_labels))
-        if invalid.any():
+        if _has_values(labels) and invalid.any():
             raise ValueError(
                 f"`labels` must be class ids in [0, {num_labels - 1}] (or -100 to ignore), "
                 f"got {labels[invalid].unique().tolist()}"
@@ -1188,7 +1196,7 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
         _check_tensor("input_ids", input_ids, "[B, T]", ndim=2, floating=False)
-        if input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size:
+        if _has_values(input_ids) and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
             raise ValueError(
                 f"`input_ids` must be in [0, vocab_size={self.config.vocab_size}), got values in "
                 f"[{input_ids.min().item()}, {input_ids.max().item()}]"

@@ -363,3 +363,25 @@ def test_numpy_and_python_inputs_name_their_type():
         build("text")(input_ids=np.zeros((BATCH, 10), dtype=np.int64))
     with pytest.raises(TypeError, match=r"`k` must be a torch\.Tensor.*got list"):
         build("layer")(q=qkv()[0], k=[[0.0]], v=qkv()[2])
+
+
+def on_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
+
+
+@pytest.mark.parametrize("kind, overrides, make_kwargs", VALID)
+def test_meta_device_runs_on_shapes_alone(kind, overrides, make_kwargs):
+    """On the meta device (shapes only: tracing, counting FLOPs without compute) a forward pass gives the shapes it
+    gives on the CPU: the checks of values (finite, 0/1 masks, label and token ranges) step aside, those of shapes and
+    dtypes do not."""
+    model, kwargs = build(kind, **overrides), make_kwargs()
+    with torch.no_grad():
+        expected = model(**kwargs)
+        output = model.to("meta")(**{name: on_meta(value) for name, value in kwargs.items()})
+    expected, output = (o if isinstance(o, torch.Tensor) else o.to_tuple() for o in (expected, output))
+    for a, b in zip(torch.utils._pytree.tree_leaves(output), torch.utils._pytree.tree_leaves(expected), strict=True):
+        assert a.device.type == "meta" and a.shape == b.shape
+    if "attention_mask" in kwargs:  # one element short
+        kwargs["attention_mask"] = kwargs["attention_mask"][:, :-1]
+        with pytest.raises(ValueError, match="`attention_mask` must have shape"):
+            model(**{name: on_meta(value) for name, value in kwargs.items()})
