@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
@@ -28,15 +29,20 @@ def test_growth_exponent_recovers_a_power_law():
     assert benchmark.growth_exponent(sizes, [7.0] * 3) == pytest.approx(0.0)
 
 
-@pytest.fixture(scope="module")
-def quick_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu", "cuda"])
+def quick_results(request, tmp_path_factory):
+    """The report of `--quick` on the CPU, and on a GPU where there is one."""
     pytest.importorskip("perceiver_pytorch", reason="the bench extra (perceiver-pytorch) is not installed")
+    device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     output_dir = tmp_path_factory.mktemp("benchmark")
-    command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--output-dir", str(output_dir)]
+    command = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--device", device]
+    command += ["--output-dir", str(output_dir)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads((output_dir / "benchmark-cpu-quick.json").read_text())
-    return results, (output_dir / "benchmark-cpu-quick.md").read_text()
+    results = json.loads((output_dir / f"benchmark-{device}-quick.json").read_text())
+    return results, (output_dir / f"benchmark-{device}-quick.md").read_text()
 
 
 def test_quick_benchmark_reports_every_model_of_every_scenario(quick_results):
