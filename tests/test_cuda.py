@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_performance_paths import gradients, make_model, padding_mask
+from test_performance_paths import assert_close_gradients, gradients, make_model, padding_mask
 
 from perceiver_lite import PerceiverLiteForImageClassification
 
@@ -22,15 +22,6 @@ def forward_and_gradients(model, inputs, mask, autocast_dtype=None):
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         output = model(inputs.to(device), attention_mask=mask).last_hidden_state.float()
     return output.cpu(), {name: grad.cpu() for name, grad in gradients(model, output).items()}
-
-
-def assert_close_gradients(actual: dict, expected: dict, **tolerance):
-    for name in expected:
-        if name.endswith("k_proj.bias"):  # zero but for rounding: the softmax over the keys ignores their bias
-            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
-            continue
-        scale = expected[name].abs().max()  # relative to the parameter's largest gradient
-        torch.testing.assert_close(actual[name] / scale, expected[name] / scale, **tolerance, msg=name)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])

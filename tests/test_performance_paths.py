@@ -60,6 +60,16 @@ def gradients(model, output):
     return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
+def assert_close_gradients(actual: dict, expected: dict, **tolerance):
+    """Gradients by parameter name, each relative to its largest entry (`tolerance` for `assert_close`)."""
+    for name in expected:
+        if name.endswith("k_proj.bias"):  # zero but for rounding: the softmax over the keys ignores their bias
+            torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+            continue
+        scale = expected[name].abs().max()
+        torch.testing.assert_close(actual[name] / scale, expected[name] / scale, **tolerance, msg=name)
+
+
 @pytest.mark.parametrize("pre_norm", [True, False])
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])
 @pytest.mark.parametrize("cross_heads", [2, 1], ids=["materialized", "grid-features"])
@@ -451,9 +461,4 @@ def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dt
     assert len(fused_calls) == model_tester.num_cross_attentions + model_tester.num_self_attention_layers
     tolerance = dict(rtol=0.05, atol=0.05) if autocast_dtype else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused, fast, **tolerance)
-    for name in fast_grads:
-        if name.endswith("k_proj.bias"):  # zero but for rounding: the softmax over the keys ignores their bias
-            torch.testing.assert_close(fused_grads[name], fast_grads[name], rtol=0, atol=1e-6, msg=name)
-            continue
-        scale = fast_grads[name].abs().max()  # relative to the parameter's largest gradient
-        torch.testing.assert_close(fused_grads[name] / scale, fast_grads[name] / scale, **tolerance, msg=name)
+    assert_close_gradients(fused_grads, fast_grads, **tolerance)
