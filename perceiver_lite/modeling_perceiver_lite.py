@@ -1,6 +1,7 @@
 """PyTorch PerceiverLite: the Perceiver (Jaegle et al., 2021) as a transformers model."""
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -724,17 +725,39 @@ class PerceiverLiteAttention(nn.Module):
         return self.config._attn_implementation == "sdpa" and tensor.device.type == "cpu" and no_dropout
 
 
+# The `hidden_act`s with an in-place form (that of `ACT2FN[name]`), for the feed-forward where autograd keeps no input
+IN_PLACE_ACTIVATIONS = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_pytorch_tanh": functools.partial(torch.ops.aten.gelu_, approximate="tanh"),
+    "relu": torch.relu_,
+    "silu": functools.partial(nn.functional.silu, inplace=True),
+}
+
+
 class PerceiverLiteMLP(nn.Module):
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__()
         ff_dim = config.ff_dim or int(config.dim * config.ff_dim_scale)
         self.fc1 = nn.Linear(config.dim, ff_dim)
+        self.hidden_act = config.hidden_act
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(ff_dim, config.dim)
         self.dropout = nn.Dropout(config.ff_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+        hidden_states = self.fc1(hidden_states)  # (B, N, ff_dim)
+        return self.dropout(self.fc2(self._activation(hidden_states)))
+
+    def _activation(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`act`, in place where autograd does not need its input (inference) and no hook watches it: one
+        `(B, N, ff_dim)` tensor less to allocate and write (1-6 % of a float32 inference in the benchmark's scenario A,
+        the most where large blocks come fresh from the system)."""
+        in_place = IN_PLACE_ACTIVATIONS.get(self.hidden_act)
+        needs_input = torch.is_grad_enabled() and hidden_states.requires_grad
+        watched = self.act._forward_hooks or self.act._forward_pre_hooks
+        if in_place is None or needs_input or watched:
+            return self.act(hidden_states)
+        return in_place(hidden_states)
 
 
 class PerceiverLiteLayer(GradientCheckpointingLayer):

@@ -1,6 +1,8 @@
 """Correctness of the fast paths: each equals the straightforward computation it replaces (no timing here; speed and
 memory are measured by `scripts/benchmark.py`)."""
 
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
     PerceiverLiteAttention,
     PerceiverLiteFourierFeatures,
+    PerceiverLiteMLP,
     RecomputedAttention,
     SharedQueryAttention,
     eager_attention_forward,
@@ -462,3 +465,27 @@ def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dt
     tolerance = dict(rtol=0.05, atol=0.05) if autocast_dtype else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused, fast, **tolerance)
     assert_close_gradients(fused_grads, fast_grads, **tolerance)
+
+
+@pytest.mark.parametrize("hidden_act", sorted(modeling.IN_PLACE_ACTIVATIONS))
+def test_feed_forward_activation_in_place_only_where_autograd_keeps_no_input(model_tester, hidden_act, monkeypatch):
+    """Without gradients the feed-forward applies its activation in place, with the output of `ACT2FN[hidden_act]`;
+    where autograd needs the activation's input, or a hook watches `act`, the module itself runs. The module still
+    pickles (`torch.save` of a whole model, `copy.deepcopy`)."""
+    mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act))
+    hidden_states = torch.randn(3, 5, model_tester.dim)
+    expected = mlp.fc2(mlp.act(mlp.fc1(hidden_states)))
+    torch.testing.assert_close(pickle.loads(pickle.dumps(mlp))(hidden_states), expected, rtol=0, atol=0)
+    in_place, act_calls = modeling.IN_PLACE_ACTIVATIONS[hidden_act], []
+    monkeypatch.setitem(modeling.IN_PLACE_ACTIVATIONS, hidden_act, lambda x: act_calls.append("in place") or in_place(x))
+    hook = mlp.act.register_forward_pre_hook(lambda *_: act_calls.append("module"))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden_states), expected, rtol=0, atol=0)
+    assert act_calls == ["module"]  # watched by the hook
+    hook.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(hidden_states), expected, rtol=0, atol=0)
+    assert act_calls == ["module", "in place"]
+    output = mlp(hidden_states)  # parameters need gradients: the activation's input is kept
+    assert act_calls == ["module", "in place"]
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
