@@ -7,21 +7,13 @@ import copy
 
 import pytest
 import torch
-from test_performance_paths import assert_close_gradients, gradients, make_model, padding_mask
+from test_performance_paths import assert_close_gradients, forward_and_gradients, make_model, padding_mask
 
 from perceiver_lite import PerceiverLiteForImageClassification
 
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 DEVICE = "cuda"
-
-
-def forward_and_gradients(model, inputs, mask, autocast_dtype=None):
-    device = next(model.parameters()).device
-    mask = None if mask is None else mask.to(device)
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        output = model(inputs.to(device), attention_mask=mask).last_hidden_state.float()
-    return output.cpu(), {name: grad.cpu() for name, grad in gradients(model, output).items()}
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])

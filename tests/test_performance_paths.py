@@ -63,6 +63,16 @@ def gradients(model, output):
     return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
 
+def forward_and_gradients(model, inputs, mask=None, autocast_dtype=None):
+    """The model's last hidden state (float32) and its parameters' gradients, on the CPU, under autocast to
+    `autocast_dtype` if given; the inputs and mask go to the model's device."""
+    device = next(model.parameters()).device
+    mask = None if mask is None else mask.to(device)
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        output = model(inputs.to(device), attention_mask=mask).last_hidden_state.float()
+    return output.cpu(), {name: grad.cpu() for name, grad in gradients(model, output).items()}
+
+
 def assert_close_gradients(actual: dict, expected: dict, **tolerance):
     """Gradients by parameter name, each relative to its largest entry (`tolerance` for `assert_close`). A key bias's
     gradient is zero but for rounding (the softmax over the keys ignores it): relative to its weight's instead."""
@@ -454,9 +464,7 @@ def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dt
     def run(fused: bool):
         monkeypatch.setattr(PerceiverLiteAttention, "_own_cpu_path", lambda *a: not fused and own_cpu_path(*a))
         fused_calls.clear()
-        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            output = model(inputs, attention_mask=mask).last_hidden_state.float()
-        return output, gradients(model, output)
+        return forward_and_gradients(model, inputs, mask, autocast_dtype)
 
     fast, fast_grads = run(fused=False)
     fused, fused_grads = run(fused=True)
