@@ -64,6 +64,10 @@ class PerceiverLiteConfig(PreTrainedConfig):
             Epsilon of every LayerNorm.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of weights and of the latent array.
+        use_fast_paths (`bool`, *optional*, defaults to `True`):
+            Run the exact fast paths of `fast_perceiver_lite.py` where they apply (sdpa attention, plain `nn.Linear` /
+            `nn.LayerNorm` modules without hooks, no tracing). `False` runs the reference model's math alone, as
+            `attn_implementation="eager"` does with its own attention.
 
     Labels (`num_labels`, `id2label`, `label2id`, `problem_type`) work as in every transformers config.
 
@@ -102,6 +106,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    use_fast_paths: bool = True
 
     def __post_init__(self, **kwargs):
         for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):

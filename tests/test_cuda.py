@@ -1,13 +1,13 @@
 """On a GPU (skipped without one): the model there computes what it computes on the CPU. Off the CPU every attention
-takes torch's fused kernels (`PerceiverLiteAttention._own_cpu_path`), the cross-attends to grid features included
-(head size `r`, features expanded along the heads with stride 0); `test_performance_paths` checks that path's
+takes torch's fused kernels (`FastPlan.own_kernels`), the cross-attends to grid features included
+(head size `r`, features expanded along the heads with stride 0); `test_fast_paths` checks that path's
 arithmetic on the CPU's fused kernels, these tests check it on the GPU's."""
 
 import copy
 
 import pytest
 import torch
-from test_performance_paths import assert_close_gradients, forward_and_gradients, make_model, padding_mask
+from test_fast_paths import assert_close_gradients, forward_and_gradients, make_model, padding_mask
 
 from perceiver_lite import PerceiverLiteForImageClassification
 

@@ -47,7 +47,12 @@ from perceiver_lite.trainer import PerceiverLiteTrainer
 TESTS_DIR = Path(__file__).parent
 REPO_ROOT = TESTS_DIR.parent
 PACKAGE_DIR = Path(perceiver_lite.__file__).parent
-CODE_FILES = {"configuration_perceiver_lite.py", "modeling_perceiver_lite.py"}
+CODE_FILES = {
+    "configuration_perceiver_lite.py",
+    "modeling_perceiver_lite.py",
+    "fast_perceiver_lite.py",
+    "validation_perceiver_lite.py",
+}
 SAVED_FILES = {"config.json", "model.safetensors", *CODE_FILES}
 AUTO_MAP = {
     "AutoConfig": "configuration_perceiver_lite.PerceiverLiteConfig",
@@ -192,9 +197,10 @@ def test_save_pretrained_writes_weights_code_and_auto_map(saved, kind):
 
 def test_saved_modeling_file_imports_only_installed_packages_and_its_config(saved):
     modeling_file = saved["image"].folder / "modeling_perceiver_lite.py"
-    assert get_relative_imports(modeling_file) == ["configuration_perceiver_lite"]
-    assert "perceiver_lite" not in get_imports(modeling_file)
-    assert "perceiver_lite" not in get_imports(saved["image"].folder / "configuration_perceiver_lite.py")
+    siblings = {name.removesuffix(".py") for name in CODE_FILES} - {"modeling_perceiver_lite"}
+    assert set(get_relative_imports(modeling_file)) == siblings
+    for name in CODE_FILES:
+        assert "perceiver_lite" not in get_imports(saved["image"].folder / name)
 
 
 def test_saving_a_config_alone_writes_its_code_and_auto_config(tmp_path):

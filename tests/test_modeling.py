@@ -96,7 +96,7 @@ def test_fourier_features_match_reference(data_shape, spatial_shape, resolution,
                                  resolution=resolution, frequency_base=frequency_base)  # fmt: skip
     model = make_model(config)
     inputs = torch.randn(2, data_shape[0], *spatial_shape)
-    embeds, _ = model.embeddings(inputs)
+    embeds = model.embeddings(inputs)
     num_positions = math.prod(spatial_shape)
     assert embeds.shape == (2, num_positions, config.cross_kv_dim)
     # data channels first, in row-major position order, then the position features
@@ -132,7 +132,7 @@ def test_fourier_features_correct_after_from_pretrained(model_tester, tmp_path):
     model.save_pretrained(tmp_path)
 
     loaded = PerceiverLiteModel.from_pretrained(tmp_path).eval()  # built on the meta device, then loaded
-    embeds, _ = loaded.embeddings(inputs)
+    embeds = loaded.embeddings(inputs)
     reference = reference_position_features(config.data_shape[1:], config.resolutions, config.num_bands, None)
     torch.testing.assert_close(embeds[0, :, config.data_shape[0] :], reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(loaded(inputs).last_hidden_state, expected, rtol=0, atol=0)
@@ -174,7 +174,7 @@ def test_inputs_embeds_matches_inputs(model_tester):
     inputs = model_tester.prepare_inputs()
     mask = torch.ones(3, 8, 8, dtype=torch.long)
     mask[0, 6:] = 0
-    embeds, flat_mask = model.embeddings(inputs, mask)
+    embeds, flat_mask = model.embeddings(inputs, mask.bool()), mask.flatten(1)  # (B, M, C + F), (B, M)
     assert embeds.shape == (3, 64, model.config.cross_kv_dim)
     torch.testing.assert_close(
         model(inputs_embeds=embeds, attention_mask=flat_mask).last_hidden_state,
@@ -492,7 +492,7 @@ def test_perceiver_layer_depth_is_honoured():
     assert len(deep.layers) == 3 and len(shallow.layers) == 2
     shallow.load_state_dict(deep.state_dict(), strict=False)  # the first two layers are the same
     q, k, v = torch.randn(2, 5, 32), torch.randn(2, 6, 32), torch.randn(2, 6, 32)
-    expected = deep.layers[2](shallow(q, k, v), *deep.layers[2].cross_attention.project_key_value(torch.cat([k, v], 1)))
+    expected = deep.layers[2](shallow(q, k, v), torch.cat([k, v], 1))
     torch.testing.assert_close(deep(q, k, v), expected, rtol=0, atol=ATOL)
     assert not torch.allclose(deep(q, k, v), shallow(q, k, v), atol=1e-3)
 

@@ -30,7 +30,12 @@ from perceiver_lite import PerceiverLiteForImageClassification
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = REPO / "perceiver_lite"
-CODE_FILES = {"configuration_perceiver_lite.py", "modeling_perceiver_lite.py"}
+CODE_FILES = {
+    "configuration_perceiver_lite.py",
+    "modeling_perceiver_lite.py",
+    "fast_perceiver_lite.py",
+    "validation_perceiver_lite.py",
+}
 
 
 def tiny_dataset(num_samples=24, seed=0) -> Dataset:
