@@ -30,7 +30,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
 from .fast_perceiver_lite import encode, fast_plan, perceiver_layer
-from .validation_perceiver_lite import check_labels, check_mask, check_tensor, check_token_ids, has_values, is_tracing
+from .validation_perceiver_lite import check_labels, check_mask, check_tensor, check_token_ids, is_tracing
 
 
 def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
