@@ -1,5 +1,6 @@
 """PerceiverLite model configuration."""
 
+import math
 import os
 
 from transformers import PreTrainedConfig
@@ -66,8 +67,75 @@ class PerceiverLiteConfig(PreTrainedConfig):
             Standard deviation of the normal initialisation of weights and of the latent array.
         use_fast_paths (`bool`, *optional*, defaults to `True`):
             Run the exact fast paths of `fast_perceiver_lite.py` where they apply (sdpa attention, plain `nn.Linear` /
-            `nn.LayerNorm` modules without hooks, no tracing). `False` runs the reference model's math alone, as
-            `attn_implementation="eager"` does with its own attention.
+            `nn.LayerNorm` modules without hooks, no tracing, the paper's encoder: every field below at its default).
+            `False` runs the reference model's math alone, as `attn_implementation="eager"` does with its own attention.
+
+        Encoder options beyond the paper's model (their defaults give the paper's model; transformers' Perceiver
+        checkpoints need some of them, see `scripts/convert_transformers_perceiver.py`):
+
+        cross_attend_blocks (`list[int]`, *optional*):
+            The unique blocks that begin with a cross-attend to the inputs; the others are latent self-attention only.
+            `None` (every block cross-attends) is the paper's model. transformers' Perceiver cross-attends once:
+            `layers_indice=[0, 1, 1, ...]`, `num_latent_transformers_in_layers=[0, n]`, `cross_attend_blocks=[0]`.
+        qk_channels (`int`, *optional*):
+            Total query/key width of each latent self-attention, split over its `heads`. `None` uses `heads * head_dim`,
+            or `dim` without `head_dim`.
+        v_channels (`int`, *optional*):
+            Total value width of each latent self-attention (the input width of its `o_proj`); `None` is the query/key
+            width.
+        cross_qk_channels (`int`, *optional*):
+            Total query/key width of the cross-attention, split over `cross_heads`; `None` uses `cross_heads * head_dim`,
+            or `dim` without `head_dim`.
+        cross_v_channels (`int`, *optional*):
+            Total value width of the cross-attention; `None` is its query/key width.
+        cross_ff_dim (`int`, *optional*):
+            Hidden width of the cross-attend layers' feed-forward; `None` uses the latent layers' width (`ff_dim` or
+            `dim * ff_dim_scale`).
+        cross_attention_query_residual (`bool`, *optional*, defaults to `True`):
+            Add the latents back after the cross-attention (the residual around it); `False` keeps only the attention's
+            output, as transformers' `use_query_residual=False`.
+        input_projection_dim (`int`, *optional*):
+            Project each input element's `C` data channels to this width with a linear layer (a 1x1 convolution for
+            images) before the position features are joined; `None` joins the raw channels.
+        position_encoding_type (`str`, *optional*, defaults to `"fourier"`):
+            `"fourier"`: the Fourier features above. `"learned"`: a learned embedding per position of the nominal grid
+            `data_shape[1:]`; an input of a smaller size takes the embeddings of its own positions (the top-left
+            corner), a larger one is an error.
+        position_dim (`int`, *optional*):
+            Width of the learned position embeddings; `None` is the data width (`input_projection_dim` or `C`).
+        concat_positions (`bool`, *optional*, defaults to `True`):
+            Concatenate the position features after the data channels; `False` adds them to the data channels (then
+            both must have the same width), as transformers' language Perceiver does.
+
+        Decoder (Perceiver IO, Jaegle et al., 2021b: output queries cross-attend to the final latents, one output per
+        query). Used by the per-element heads (`...ForMaskedLM`, `...ForTokenClassification`, `...ForDensePrediction`)
+        and by `classifier_pooling="decoder"`; the encoder-only models build none:
+
+        decoder_dim (`int`, *optional*):
+            Width of the output queries and of the decoder's outputs; `None` uses `dim`.
+        decoder_heads (`int`, *optional*, defaults to 1):
+            Number of heads of the decoder's cross-attention.
+        decoder_qk_channels (`int`, *optional*):
+            Total query/key width of the decoder's cross-attention; `None` uses `decoder_dim`.
+        decoder_v_channels (`int`, *optional*):
+            Total value width of the decoder's cross-attention; `None` is its query/key width.
+        decoder_ff_dim_scale (`int` or `float`, *optional*, defaults to 1):
+            Expansion factor of the decoder's feed-forward (`decoder_dim * decoder_ff_dim_scale` hidden units); 0 leaves
+            the feed-forward out.
+        decoder_query_residual (`bool`, *optional*, defaults to `True`):
+            Add the queries back after the decoder's cross-attention; `False` suits queries that only say where to
+            decode (positions), whose values mean something else than the outputs.
+        decoder_query_type (`str`, *optional*, defaults to `"fourier"`):
+            Queries of the per-element heads: `"fourier"`, the Fourier features of each output position (of each
+            sample's valid extent under a mask) through a linear layer, for any output size; `"learned"`, a learned
+            query per position of the nominal grid `data_shape[1:]` (outputs up to that size).
+        classifier_pooling (`str`, *optional*, defaults to `"mean"`):
+            How the classification heads read the latents: `"mean"`, LayerNorm and a linear layer on their mean (the
+            paper); `"decoder"`, one learned decoder query cross-attends to them and a linear layer reads its output
+            (Perceiver IO and transformers' Perceiver classifiers).
+        tie_word_embeddings (`bool`, *optional*, defaults to `True`):
+            `PerceiverLiteForMaskedLM`'s output projection shares the token embedding's weight (as transformers'
+            language Perceiver); this needs `decoder_dim == data_shape[0]`. `False` learns its own.
 
     Labels (`num_labels`, `id2label`, `label2id`, `problem_type`) work as in every transformers config.
 
@@ -107,10 +175,32 @@ class PerceiverLiteConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
     use_fast_paths: bool = True
+    cross_attend_blocks: list[int] | tuple[int, ...] | None = None
+    qk_channels: int | None = None
+    v_channels: int | None = None
+    cross_qk_channels: int | None = None
+    cross_v_channels: int | None = None
+    cross_ff_dim: int | None = None
+    cross_attention_query_residual: bool = True
+    input_projection_dim: int | None = None
+    position_encoding_type: str = "fourier"
+    position_dim: int | None = None
+    concat_positions: bool = True
+    decoder_dim: int | None = None
+    decoder_heads: int = 1
+    decoder_qk_channels: int | None = None
+    decoder_v_channels: int | None = None
+    decoder_ff_dim_scale: int | float = 1
+    decoder_query_residual: bool = True
+    decoder_query_type: str = "fourier"
+    classifier_pooling: str = "mean"
+    tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
         for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):
             setattr(self, name, list(getattr(self, name)))
+        if self.cross_attend_blocks is not None:
+            self.cross_attend_blocks = list(self.cross_attend_blocks)
         if not isinstance(self.resolution, int):
             self.resolution = list(self.resolution)
         super().__post_init__(**kwargs)
@@ -143,12 +233,49 @@ class PerceiverLiteConfig(PreTrainedConfig):
 
     @property
     def num_position_features(self) -> int:
-        """Fourier position channels appended to each input element: `axes * (2 * num_bands + 1)`."""
+        """Fourier position channels of one position: `axes * (2 * num_bands + 1)`."""
         return self.num_axes * (2 * self.num_bands + 1)
 
     @property
+    def data_width(self) -> int:
+        """Data channels of one input element as the cross-attention sees them: `input_projection_dim` or `C`."""
+        return self.input_projection_dim or self.data_shape[0]
+
+    @property
+    def position_width(self) -> int:
+        """Position channels of one input element: the Fourier features' or the learned embeddings' width."""
+        if self.position_encoding_type == "fourier":
+            return self.num_position_features
+        return self.position_dim or self.data_width
+
+    @property
     def expected_cross_kv_dim(self) -> int:
-        return self.data_shape[0] + self.num_position_features
+        return self.data_width + self.position_width if self.concat_positions else self.data_width
+
+    @property
+    def num_positions(self) -> int:
+        """Positions of the nominal grid `data_shape[1:]`: the rows of the learned position embeddings and queries."""
+        return math.prod(self.data_shape[1:])
+
+    @property
+    def decoder_width(self) -> int:
+        return self.decoder_dim or self.dim
+
+    def cross_attends(self, block: int) -> bool:
+        """Whether unique block `block` begins with a cross-attend to the inputs."""
+        return self.cross_attend_blocks is None or block in self.cross_attend_blocks
+
+    def attention_channels(self, kind: str) -> tuple[int, int, int]:
+        """`(num_heads, qk_channels, v_channels)` of the `"self"`, `"cross"` or `"decoder"` attention."""
+        if kind == "decoder":
+            qk_channels = self.decoder_qk_channels or self.decoder_width
+            return self.decoder_heads, qk_channels, self.decoder_v_channels or qk_channels
+        heads, qk_channels, v_channels = {
+            "self": (self.heads, self.qk_channels, self.v_channels),
+            "cross": (self.cross_heads, self.cross_qk_channels, self.cross_v_channels),
+        }[kind]
+        qk_channels = qk_channels or (heads * self.head_dim if self.head_dim else self.dim)
+        return heads, qk_channels, v_channels or qk_channels
 
     @property
     def resolutions(self) -> list[int]:
@@ -159,8 +286,11 @@ class PerceiverLiteConfig(PreTrainedConfig):
         def fail(field, reason):
             raise ValueError(f"PerceiverLiteConfig: `{field}` {reason}")
 
-        sizes = ["cross_heads", "num_latent_tokens", "dim", "heads", "num_bands", "vocab_size"]
-        sizes += [name for name in ("ff_dim", "head_dim", "cross_kv_dim") if getattr(self, name) is not None]
+        sizes = ["cross_heads", "num_latent_tokens", "dim", "heads", "num_bands", "vocab_size", "decoder_heads"]
+        optional_sizes = ["ff_dim", "head_dim", "cross_kv_dim", "qk_channels", "v_channels", "cross_qk_channels",
+                          "cross_v_channels", "cross_ff_dim", "input_projection_dim", "position_dim", "decoder_dim",
+                          "decoder_qk_channels", "decoder_v_channels"]  # fmt: skip
+        sizes += [name for name in optional_sizes if getattr(self, name) is not None]
         for name in sizes:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -173,22 +303,23 @@ class PerceiverLiteConfig(PreTrainedConfig):
         for name in ("ff_dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        scale = self.decoder_ff_dim_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+            fail("decoder_ff_dim_scale", f"must be a number >= 0 (0: no feed-forward), got {scale!r}")
         if not self.layer_norm_eps > 0:
             fail("layer_norm_eps", f"must be positive, got {self.layer_norm_eps!r}")
         if not self.initializer_range >= 0:
             fail("initializer_range", f"must be >= 0, got {self.initializer_range!r}")
         self._validate_blocks(fail)
         self._validate_positions(fail)
-        if self.head_dim is None:
-            for name in ("heads", "cross_heads"):
-                if self.dim % getattr(self, name):
-                    fail("dim", f"({self.dim}) must be divisible by `{name}` ({getattr(self, name)}) when `head_dim` is None")
+        self._validate_attention(fail)
         if self.cross_kv_dim is not None and self.cross_kv_dim != self.expected_cross_kv_dim:
             fail(
                 "cross_kv_dim",
-                f"({self.cross_kv_dim}) disagrees with data_shape {self.data_shape} and num_bands {self.num_bands}: "
-                f"C + axes x (2 x num_bands + 1) = {self.data_shape[0]} + {self.num_axes} x "
-                f"{2 * self.num_bands + 1} = {self.expected_cross_kv_dim}",
+                f"({self.cross_kv_dim}) disagrees with the inputs: data channels {self.data_width} (data_shape "
+                f"{self.data_shape}, input_projection_dim {self.input_projection_dim}) "
+                f"{'+' if self.concat_positions else 'added to'} position channels {self.position_width} "
+                f"({self.position_encoding_type}) = {self.expected_cross_kv_dim}",
             )
 
     def _validate_blocks(self, fail):
@@ -204,6 +335,10 @@ class PerceiverLiteConfig(PreTrainedConfig):
                 f"names blocks {unknown} that num_latent_transformers_in_layers (length {len(counts)}) does not "
                 f"define: valid blocks are 0..{len(counts) - 1}",
             )
+        blocks = self.cross_attend_blocks
+        if blocks is not None and (not blocks or len(set(blocks)) != len(blocks) or any(
+                not isinstance(i, int) or not 0 <= i < len(counts) for i in blocks)):  # fmt: skip
+            fail("cross_attend_blocks", f"must list distinct blocks of 0..{len(counts) - 1}, at least one, got {blocks}")
         unused = sorted(set(range(len(counts))) - set(self.layers_indice))
         if unused:
             fail(
@@ -211,7 +346,31 @@ class PerceiverLiteConfig(PreTrainedConfig):
                 f"{self.layers_indice} leaves blocks {unused} of num_latent_transformers_in_layers unused",
             )
 
+    def _validate_attention(self, fail):
+        for kind, heads_field in (("self", "heads"), ("cross", "cross_heads"), ("decoder", "decoder_heads")):
+            heads, qk_channels, v_channels = self.attention_channels(kind)
+            prefix = "" if kind == "self" else f"{kind}_"
+            for field, channels in ((f"{prefix}qk_channels", qk_channels), (f"{prefix}v_channels", v_channels)):
+                if channels % heads and getattr(self, field) is not None:
+                    fail(field, f"({channels}) must be divisible by `{heads_field}` ({heads})")
+                if channels % heads:  # derived from the query width
+                    source = "decoder_dim" if kind == "decoder" else "dim"
+                    fail(source, f"({channels}) must be divisible by `{heads_field}` ({heads}) when `head_dim` and "
+                         f"`{field}` are None")  # fmt: skip
+        for field, allowed in (("position_encoding_type", ("fourier", "learned")),
+                               ("decoder_query_type", ("fourier", "learned")),
+                               ("classifier_pooling", ("mean", "decoder"))):  # fmt: skip
+            if getattr(self, field) not in allowed:
+                fail(field, f"must be one of {list(allowed)}, got {getattr(self, field)!r}")
+
     def _validate_positions(self, fail):
+        if self.position_dim is not None and self.position_encoding_type != "learned":
+            fail("position_dim", f"is the width of learned positions; position_encoding_type is "
+                 f"{self.position_encoding_type!r}")  # fmt: skip
+        if not self.concat_positions and self.position_width != self.data_width:
+            fail("concat_positions", f"False adds the positions to the data channels, but their widths differ: "
+                 f"{self.position_width} position channels ({self.position_encoding_type}), {self.data_width} data "
+                 "channels")  # fmt: skip
         resolutions = self.resolutions
         if len(resolutions) != self.num_axes:
             fail("resolution", f"needs one value per spatial axis ({self.num_axes}), got {self.resolution}")

@@ -12,7 +12,10 @@ directly, so they run only where that is exactly what the modules would compute:
   or parametrised modules, nor subclasses), with plain `nn.Parameter` weights off the meta device;
 - no module of the model is watched: no forward or backward hooks (accelerate's offloading hooks included) other than
   transformers' output recorders, no global module hooks, and no hidden states or attentions are being recorded;
-- the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`).
+- the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
+- the encoder is the paper's (`PAPER_ENCODER`: every block cross-attends, Fourier positions concatenated to the raw
+  data channels, equal query/key and value widths, residuals around the cross-attention). The Perceiver IO decoder
+  always runs the reference.
 
 What they do (each is tested against the reference, outputs and gradients, in `tests/test_fast_paths.py`):
 
@@ -69,13 +72,25 @@ def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
     config = module.config
     if not config.use_fast_paths or config._attn_implementation != "sdpa" or is_tracing() or _recording_outputs():
         return None
-    if _global_hooks() or not all(_plain(child) for child in module.modules()):
+    if not _paper_encoder(config) or _global_hooks() or not all(_plain(child) for child in module.modules()):
         return None
     dropout = module.training and config.attention_dropout > 0
     checkpointing = module.training and torch.is_grad_enabled() and any(
         getattr(child, "gradient_checkpointing", False) for child in module.modules()
     )
     return FastPlan(own_kernels=device.type == "cpu" and not dropout, checkpointing=checkpointing)
+
+
+# The config fields beyond the paper's encoder, at the values that give it: the fast paths implement that encoder only.
+PAPER_ENCODER = {
+    "cross_attend_blocks": None, "qk_channels": None, "v_channels": None, "cross_qk_channels": None,
+    "cross_v_channels": None, "cross_attention_query_residual": True, "input_projection_dim": None,
+    "position_encoding_type": "fourier", "concat_positions": True,
+}  # fmt: skip
+
+
+def _paper_encoder(config) -> bool:
+    return all(getattr(config, name) == value for name, value in PAPER_ENCODER.items())
 
 
 def _plain(module: nn.Module) -> bool:

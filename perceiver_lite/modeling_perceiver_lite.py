@@ -9,6 +9,7 @@ quantised modules, hooks, export and tracing, `config.use_fast_paths=False` or `
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,19 +19,21 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
     ImageClassifierOutput,
     SequenceClassifierOutput,
 )
+from transformers.utils import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
 from .fast_perceiver_lite import encode, fast_plan, perceiver_layer
-from .validation_perceiver_lite import check_labels, check_mask, check_tensor, check_token_ids, is_tracing
+from .validation_perceiver_lite import check_grid, check_labels, check_mask, check_tensor, check_token_ids, is_tracing
 
 
 def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -103,24 +106,57 @@ class PerceiverLiteFourierFeatures(nn.Module):
 
 
 class PerceiverLiteEmbeddings(nn.Module):
-    """Channel-first inputs `(B, C, *axes)` to the cross-attention's inputs `(B, M, C + F)`: data channels first, then
-    the Fourier position features of each element (of each sample's valid extent, under a padding mask)."""
+    """Channel-first inputs `(B, C, *axes)` to the cross-attention's inputs `(B, M, C + F)`: per element its data
+    channels (through `input_projection` where configured), then its position features, concatenated (or added, with
+    `concat_positions=False`).
+
+    Fourier positions come from each sample's valid extent under a padding mask; learned positions are absolute (the
+    rows of the element's own index in the nominal grid `data_shape[1:]`). Either way a padded sample gets the
+    positions of the same sample unpadded.
+    """
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__()
-        self.position_features = PerceiverLiteFourierFeatures(config)
+        self.nominal_shape = tuple(config.data_shape[1:])
+        self.concat_positions = config.concat_positions
+        self.input_projection = (
+            nn.Linear(config.data_shape[0], config.input_projection_dim) if config.input_projection_dim else None
+        )
+        learned = config.position_encoding_type == "learned"
+        self.position_features = None if learned else PerceiverLiteFourierFeatures(config)
+        self.position_embeddings = (
+            nn.Parameter(torch.empty(config.num_positions, config.position_width)) if learned else None
+        )
 
     def forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask`: `(B, M)` or `(B, *axes)`, True for valid elements."""
         data = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
-        positions = self.positions(inputs.shape[2:], attention_mask, inputs.device, inputs.dtype)
+        if self.input_projection is not None:
+            data = self.input_projection(data.to(self.input_projection.weight.dtype))  # (B, M, input_projection_dim)
+        positions = self.positions(inputs.shape[2:], attention_mask, inputs.device, data.dtype)
         positions = positions.expand(data.shape[0], *positions.shape[-2:])  # (B, M, F)
-        return torch.cat([data, positions], dim=-1)  # (B, M, C + F)
+        return torch.cat([data, positions], dim=-1) if self.concat_positions else data + positions  # (B, M, cross_kv_dim)
 
     def positions(self, spatial_shape, attention_mask=None, device=None, dtype=torch.float32) -> torch.Tensor:
         """The position features `(M, F)` of `spatial_shape`, shared by the batch, or `(B, M, F)` under a mask."""
-        extents = None if attention_mask is None else valid_extents(attention_mask.reshape(-1, *spatial_shape))
-        return self.position_features(spatial_shape, extents, device=device, dtype=dtype)
+        if self.position_features is None:
+            return grid_rows(self.position_embeddings, self.nominal_shape, spatial_shape).to(dtype)
+        return fourier_positions(self.position_features, spatial_shape, attention_mask, device, dtype)
+
+
+def fourier_positions(features: PerceiverLiteFourierFeatures, spatial_shape, attention_mask, device, dtype):
+    """Fourier features `(M, F)` of `spatial_shape`, or `(B, M, F)` of each sample's valid extent under a mask."""
+    extents = None if attention_mask is None else valid_extents(attention_mask.reshape(-1, *spatial_shape))
+    return features(spatial_shape, extents, device=device, dtype=dtype)
+
+
+def grid_rows(table: torch.Tensor, nominal_shape: tuple, spatial_shape) -> torch.Tensor:
+    """The rows of a per-position `table` `(prod(nominal_shape), W)` for a grid of `spatial_shape` (each axis at most
+    nominal): the positions `[0, n)` of every axis, row-major, `(M, W)`."""
+    if tuple(spatial_shape) == nominal_shape:
+        return table
+    grid = table.view(*nominal_shape, table.shape[-1])  # (*nominal_shape, W)
+    return grid[tuple(slice(0, n) for n in spatial_shape)].reshape(-1, table.shape[-1])  # (M, W)
 
 
 def valid_extents(mask: torch.Tensor) -> torch.Tensor:
@@ -159,25 +195,33 @@ def eager_attention_forward(
 
 
 class PerceiverLiteAttention(nn.Module):
-    """Multi-head attention, not causal. Self-attention projects its keys and values from the latents; cross-attention
-    from `key_value_states` (the inputs), with `cross_heads` heads and a LayerNorm on them (pre-norm)."""
+    """Multi-head attention, not causal, of one of three kinds (a structural switch):
 
-    def __init__(self, config: PerceiverLiteConfig, is_cross_attention: bool = False, kv_dim: int | None = None):
+    - `"self"`: the latents attend to themselves (`heads`, `qk_channels`, `v_channels`);
+    - `"cross"`: the latents attend to `key_value_states`, the inputs (`cross_heads`, `cross_qk_channels`, ...);
+    - `"decoder"`: output queries of width `decoder_dim` attend to the latents (`decoder_heads`, ...).
+
+    Cross and decoder attention normalise their keys/values' source first (pre-norm). `kv_dim` overrides the width of
+    that source (the standalone `PerceiverLayer` attends to contexts of width `dim`).
+    """
+
+    def __init__(self, config: PerceiverLiteConfig, kind: str = "self", kv_dim: int | None = None):
         super().__init__()
         self.config = config
         self.is_causal = False
-        self.is_cross_attention = is_cross_attention
-        self.num_heads = config.cross_heads if is_cross_attention else config.heads
-        self.head_dim = config.head_dim or config.dim // self.num_heads
+        self.is_cross_attention = kind != "self"
+        self.num_heads, qk_channels, v_channels = config.attention_channels(kind)
+        self.head_dim = qk_channels // self.num_heads
+        self.v_head_dim = v_channels // self.num_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        kv_dim = kv_dim or (config.cross_kv_dim if is_cross_attention else config.dim)
-        inner_dim = self.num_heads * self.head_dim
-        self.kv_norm = nn.LayerNorm(kv_dim, eps=config.layer_norm_eps) if is_cross_attention and config.pre_norm else None
-        self.q_proj = nn.Linear(config.dim, inner_dim)
-        self.k_proj = nn.Linear(kv_dim, inner_dim)
-        self.v_proj = nn.Linear(kv_dim, inner_dim)
-        self.o_proj = nn.Linear(inner_dim, config.dim)
+        q_dim = config.decoder_width if kind == "decoder" else config.dim
+        kv_dim = kv_dim or (config.cross_kv_dim if kind == "cross" else config.dim)
+        self.kv_norm = nn.LayerNorm(kv_dim, eps=config.layer_norm_eps) if self.is_cross_attention and config.pre_norm else None
+        self.q_proj = nn.Linear(q_dim, qk_channels)
+        self.k_proj = nn.Linear(kv_dim, qk_channels)
+        self.v_proj = nn.Linear(kv_dim, v_channels)
+        self.o_proj = nn.Linear(v_channels, q_dim)
 
     def forward(
         self,
@@ -191,10 +235,11 @@ class PerceiverLiteAttention(nn.Module):
         elif self.kv_norm is not None:
             key_value_states = self.kv_norm(key_value_states)
         query_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        kv_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+        key_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
+        value_shape = (*key_value_states.shape[:-1], -1, self.v_head_dim)
         query = self.q_proj(hidden_states).view(query_shape).transpose(1, 2)  # (B, H, Lq, D)
-        key = self.k_proj(key_value_states).view(kv_shape).transpose(1, 2)  # (B, H, Lk, D)
-        value = self.v_proj(key_value_states).view(kv_shape).transpose(1, 2)  # (B, H, Lk, D)
+        key = self.k_proj(key_value_states).view(key_shape).transpose(1, 2)  # (B, H, Lk, D)
+        value = self.v_proj(key_value_states).view(value_shape).transpose(1, 2)  # (B, H, Lk, Dv)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -209,17 +254,25 @@ class PerceiverLiteAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)  # (B, Lq, H * D)
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1)  # (B, Lq, H * Dv)
         return self.o_proj(attn_output), attn_weights
 
 
 class PerceiverLiteMLP(nn.Module):
-    def __init__(self, config: PerceiverLiteConfig):
+    """The feed-forward of a `"self"` (latent), `"cross"` (cross-attend) or `"decoder"` layer: `fc1`, activation,
+    `fc2`, dropout; hidden width `ff_dim` / `cross_ff_dim` / `decoder_dim * decoder_ff_dim_scale`."""
+
+    def __init__(self, config: PerceiverLiteConfig, kind: str = "self"):
         super().__init__()
+        width = config.decoder_width if kind == "decoder" else config.dim
         ff_dim = config.ff_dim or int(config.dim * config.ff_dim_scale)
-        self.fc1 = nn.Linear(config.dim, ff_dim)
+        if kind == "cross":
+            ff_dim = config.cross_ff_dim or ff_dim
+        elif kind == "decoder":
+            ff_dim = int(width * config.decoder_ff_dim_scale)
+        self.fc1 = nn.Linear(width, ff_dim)
         self.act = ACT2FN[config.hidden_act]
-        self.fc2 = nn.Linear(ff_dim, config.dim)
+        self.fc2 = nn.Linear(ff_dim, width)
         self.dropout = nn.Dropout(config.ff_dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -227,11 +280,13 @@ class PerceiverLiteMLP(nn.Module):
 
 
 class PerceiverLiteLayer(GradientCheckpointingLayer):
-    """Optional self-attention, optional cross-attention, then feed-forward; each a residual sublayer with its LayerNorm
-    before (`pre_norm`) or after the residual sum.
+    """Optional self-attention, optional cross-attention, then an optional feed-forward; each a residual sublayer with
+    its LayerNorm before (`pre_norm`) or after the residual sum.
 
-    The Perceiver's cross-attend layer has only cross-attention, its latent transformer layers only self-attention, and
-    the standalone `PerceiverLayer` both.
+    The Perceiver's cross-attend layer has only cross-attention, its latent transformer layers only self-attention, the
+    standalone `PerceiverLayer` both, and the decoder's layer (`decoder=True`: queries of width `decoder_dim` attending
+    to the latents) cross-attention, with the feed-forward where `decoder_ff_dim_scale > 0`. The residual around the
+    cross-attention is `cross_attention_query_residual` (`decoder_query_residual` in the decoder).
     """
 
     def __init__(
@@ -240,17 +295,21 @@ class PerceiverLiteLayer(GradientCheckpointingLayer):
         self_attention: bool = True,
         cross_attention: bool = False,
         cross_kv_dim: int | None = None,
+        decoder: bool = False,
     ):
         super().__init__()
         self.pre_norm = config.pre_norm
+        width = config.decoder_width if decoder else config.dim
+        self.query_residual = config.decoder_query_residual if decoder else config.cross_attention_query_residual
         self.self_attention = PerceiverLiteAttention(config) if self_attention else None
-        self.self_attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if self_attention else None
-        self.cross_attention = (
-            PerceiverLiteAttention(config, is_cross_attention=True, kv_dim=cross_kv_dim) if cross_attention else None
-        )
-        self.cross_attention_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if cross_attention else None
-        self.mlp = PerceiverLiteMLP(config)
-        self.mlp_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.self_attention_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if self_attention else None
+        kind = "decoder" if decoder else "cross"
+        self.cross_attention = PerceiverLiteAttention(config, kind, kv_dim=cross_kv_dim) if cross_attention else None
+        self.cross_attention_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if cross_attention else None
+        has_mlp = not decoder or config.decoder_ff_dim_scale > 0
+        mlp_kind = kind if decoder or not self_attention else "self"
+        self.mlp = PerceiverLiteMLP(config, mlp_kind) if has_mlp else None
+        self.mlp_norm = nn.LayerNorm(width, eps=config.layer_norm_eps) if has_mlp else None
 
     def forward(
         self,
@@ -263,35 +322,43 @@ class PerceiverLiteLayer(GradientCheckpointingLayer):
             hidden_states = self.sublayer(self.self_attention_norm, self.self_attention, hidden_states, **kwargs)
         if self.cross_attention is not None:
             hidden_states = self.sublayer(
-                self.cross_attention_norm, self.cross_attention, hidden_states, key_value_states, attention_mask, **kwargs
-            )
+                self.cross_attention_norm, self.cross_attention, hidden_states, key_value_states, attention_mask,
+                residual=self.query_residual, **kwargs,
+            )  # fmt: skip
+        if self.mlp is None:
+            return hidden_states
         return self.sublayer(self.mlp_norm, self.mlp, hidden_states)
 
-    def sublayer(self, norm, sublayer, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """`hidden_states + sublayer(norm(hidden_states))` (pre-norm) or `norm(hidden_states + sublayer(hidden_states))`.
-        `norm` and `sublayer` are callables: this layer's modules, or the fast paths' functions of them."""
-        residual = hidden_states
+    def sublayer(self, norm, sublayer, hidden_states: torch.Tensor, *args, residual: bool = True, **kwargs):
+        """`hidden_states + sublayer(norm(hidden_states))` (pre-norm) or `norm(hidden_states + sublayer(hidden_states))`,
+        without the `hidden_states +` where `residual` is False. `norm` and `sublayer` are callables: this layer's
+        modules, or the fast paths' functions of them."""
+        residual_states = hidden_states
         if self.pre_norm:
             hidden_states = norm(hidden_states)
         hidden_states = sublayer(hidden_states, *args, **kwargs)
         if isinstance(hidden_states, tuple):  # attention: (output, weights)
             hidden_states = hidden_states[0]
-        hidden_states = residual + hidden_states
+        if residual:
+            hidden_states = residual_states + hidden_states
         return hidden_states if self.pre_norm else norm(hidden_states)
 
 
 class PerceiverLiteBlock(nn.Module):
-    """A cross-attend from the latents to the inputs, then `num_self_attention_layers` latent self-attention layers
-    (also importable as `PerceiverBlock`). Running a block again (a repeated index in `layers_indice`) shares its
-    weights."""
+    """A cross-attend from the latents to the inputs (where `cross_attend`), then `num_self_attention_layers` latent
+    self-attention layers (also importable as `PerceiverBlock`). Running a block again (a repeated index in
+    `layers_indice`) shares its weights."""
 
-    def __init__(self, config: PerceiverLiteConfig, num_self_attention_layers: int):
+    def __init__(self, config: PerceiverLiteConfig, num_self_attention_layers: int, cross_attend: bool = True):
         super().__init__()
-        self.cross_layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True)
+        self.cross_layer = (
+            PerceiverLiteLayer(config, self_attention=False, cross_attention=True) if cross_attend else None
+        )
         self.layers = nn.ModuleList(PerceiverLiteLayer(config) for _ in range(num_self_attention_layers))
 
     def forward(self, latents, inputs_embeds, attention_mask=None, **kwargs) -> torch.Tensor:
-        latents = self.cross_layer(latents, inputs_embeds, attention_mask, **kwargs)
+        if self.cross_layer is not None:
+            latents = self.cross_layer(latents, inputs_embeds, attention_mask, **kwargs)
         for layer in self.layers:
             latents = layer(latents, **kwargs)
         return latents
@@ -387,6 +454,59 @@ class PerceiverLayer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Decoder (Perceiver IO)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PerceiverLiteDecoder(nn.Module):
+    """Perceiver IO's decoder (Jaegle et al., 2021b): output queries cross-attend to the final latents, one output of
+    width `decoder_dim` per query, through a `PerceiverLiteLayer` (`decoder=True`: query LayerNorm, cross-attention,
+    optional query residual and feed-forward).
+
+    The queries are `num_queries` learned vectors where given (1 for `classifier_pooling="decoder"`), else one per
+    output position: learned per position of the nominal grid (`decoder_query_type="learned"`), or the Fourier
+    features of the output positions through `query_proj` (`"fourier"`, any output size; of each sample's valid extent
+    under a mask, so that padding changes no output of a valid position).
+    """
+
+    def __init__(self, config: PerceiverLiteConfig, num_queries: int | None = None):
+        super().__init__()
+        self.nominal_shape = tuple(config.data_shape[1:])
+        self.fixed_queries = num_queries is not None
+        learned = self.fixed_queries or config.decoder_query_type == "learned"
+        self.queries = nn.Parameter(torch.empty(num_queries or config.num_positions, config.decoder_width)) if learned else None
+        self.position_features = None if learned else PerceiverLiteFourierFeatures(config)
+        self.query_proj = None if learned else nn.Linear(config.num_position_features, config.decoder_width)
+        self.layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True, decoder=True)
+
+    def output_queries(self, batch_size: int, spatial_shape=(), attention_mask=None, device=None) -> torch.Tensor:
+        """The queries `(B, Q, decoder_dim)` for outputs on a grid of `spatial_shape` (ignored for fixed queries)."""
+        if self.fixed_queries:
+            queries = self.queries  # (Q, decoder_dim)
+        elif self.queries is not None:
+            queries = grid_rows(self.queries, self.nominal_shape, spatial_shape)  # (M, decoder_dim)
+        else:
+            dtype = self.query_proj.weight.dtype
+            positions = fourier_positions(self.position_features, spatial_shape, attention_mask, device, dtype)
+            queries = self.query_proj(positions)  # (M, decoder_dim) or (B, M, decoder_dim)
+        return queries.expand(batch_size, *queries.shape[-2:])  # (B, Q, decoder_dim)
+
+    def forward(self, latents, spatial_shape=(), attention_mask=None, output_attentions: bool = False, **kwargs):
+        """`(outputs (B, Q, decoder_dim), attention weights (B, H, Q, N) or None)`: the weights where
+        `output_attentions` (eager attention; sdpa returns none, as in transformers)."""
+        queries = self.output_queries(latents.shape[0], spatial_shape, attention_mask, latents.device)
+        if not output_attentions:
+            return self.layer(queries, latents, **kwargs), None
+        weights = []
+        handle = self.layer.cross_attention.register_forward_hook(lambda module, args, output: weights.append(output[1]))
+        try:
+            outputs = self.layer(queries, latents, **kwargs)
+        finally:
+            handle.remove()
+        return outputs, weights[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -467,6 +587,11 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PerceiverLiteModel):
             init.trunc_normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, PerceiverLiteDecoder) and module.queries is not None:
+            init.trunc_normal_(module.queries, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, PerceiverLiteEmbeddings) and module.position_embeddings is not None:
+            # Learned positions beside (or added to) data of unit scale, as the Fourier features are
+            init.normal_(module.position_embeddings, mean=0.0, std=1.0)
         if isinstance(module, nn.Embedding):
             # The token embedding of PerceiverLiteForSequenceClassification: data channels beside Fourier features of
             # unit scale. At initializer_range they would vanish in the inputs' LayerNorm and the model learn slowly.
@@ -482,7 +607,10 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         super().__init__(config)
         self.embeddings = PerceiverLiteEmbeddings(config)
         self.latents = nn.Parameter(torch.empty(config.num_latent_tokens, config.dim))
-        self.blocks = nn.ModuleList(PerceiverLiteBlock(config, n) for n in config.num_latent_transformers_in_layers)
+        self.blocks = nn.ModuleList(
+            PerceiverLiteBlock(config, n, config.cross_attends(block))
+            for block, n in enumerate(config.num_latent_transformers_in_layers)
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -546,31 +674,42 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
                 raise ValueError(
                     f"`{input_name}` must have shape {expected}, got {list(inputs.shape)}: wrong channel count"
                 )
+            check_grid(config, input_name, inputs.shape, inputs.shape[2:])
             mask_shapes = [(inputs.shape[0], *inputs.shape[2:]), (inputs.shape[0], math.prod(inputs.shape[2:]))]
         if attention_mask is not None:
             check_mask("attention_mask", attention_mask, mask_shapes)
 
 
 class PerceiverLiteClassifier(nn.Module):
-    """The paper's classifier: LayerNorm and a linear layer on the mean of the latents."""
+    """The classification heads' reading of the latents, by `classifier_pooling`: `"mean"`, the paper's LayerNorm and
+    linear layer on their mean; `"decoder"`, one learned decoder query cross-attends to them (Perceiver IO) and a
+    linear layer reads its output."""
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
-        self.dense = nn.Linear(config.dim, config.num_labels)
+        mean = config.classifier_pooling == "mean"
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if mean else None
+        self.decoder = None if mean else PerceiverLiteDecoder(config, num_queries=1)
+        self.dense = nn.Linear(config.dim if mean else config.decoder_width, config.num_labels)
 
-    def forward(self, pooled_output: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.norm(pooled_output))
+    def forward(self, outputs: BaseModelOutputWithPoolingAndCrossAttentions) -> torch.Tensor:
+        if self.decoder is None:
+            return self.dense(self.norm(outputs.pooler_output))  # (B, num_labels)
+        decoded, _ = self.decoder(outputs.last_hidden_state)  # (B, 1, decoder_dim)
+        return self.dense(decoded[:, 0])  # (B, num_labels)
 
 
 class PerceiverLiteClassificationMixin:
     """Shared by the heads: the base model, the classifier, and the loss by `config.problem_type`."""
 
     def _build_classifier(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
+        self._build_base(config, one_dimensional)
+        self.classifier = PerceiverLiteClassifier(config)
+
+    def _build_base(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
         if one_dimensional and config.num_axes != 1:
             raise ValueError(f"{type(self).__name__} needs a 1-D data_shape [C, T], got {config.data_shape}")
         self.perceiver = PerceiverLiteModel(config)
-        self.classifier = PerceiverLiteClassifier(config)
 
     def _check_classification_inputs(self, inputs, attention_mask, labels, input_name: str, also_accepted: str = ""):
         """Inputs, mask and labels, before any compute; `input_name` is the head's name of `inputs` (see
@@ -582,7 +721,7 @@ class PerceiverLiteClassificationMixin:
     def _classify(self, inputs, attention_mask, labels, output_class, **kwargs):
         """The base model, the classifier and the loss by `config.problem_type`, on checked inputs and labels."""
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
-        logits = self.classifier(outputs.pooler_output)
+        logits = self.classifier(outputs)
         loss = None if labels is None else self.loss_function(labels, logits, self.config)
         return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
@@ -591,6 +730,81 @@ class PerceiverLiteClassificationMixin:
 
     def get_input_embeddings(self) -> nn.Module:
         return self.perceiver.get_input_embeddings()
+
+
+class PerceiverLiteTokenInputsMixin:
+    """Shared by the heads on token ids: the token embedding into `data_shape[0]` channels and the input checks."""
+
+    def _build_token_embeddings(self, config: PerceiverLiteConfig):
+        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings = value
+
+    def _check_token_inputs(self, input_ids, attention_mask):
+        check_token_ids(input_ids, self.config.vocab_size)
+        check_grid(self.config, "input_ids", input_ids.shape, input_ids.shape[1:], decoder=hasattr(self, "decoder"))
+        if attention_mask is not None:
+            check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+
+    def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids).transpose(1, 2)  # (B, C, T)
+
+
+@dataclass
+class PerceiverLiteDecoderOutput(ModelOutput):
+    r"""
+    Outputs of the per-element heads (masked LM, token classification, dense prediction).
+
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` are given):
+        The loss by the head's task.
+    logits (`torch.FloatTensor`):
+        One output per input element: `(B, T, vocab_size)`, `(B, T, num_labels)` or `(B, num_labels, *axes)`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, with `output_hidden_states=True`):
+        The latents before the first and after every encoder layer, `(B, N, dim)` each.
+    attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True` and eager attention):
+        The latent self-attention probabilities, `(B, heads, N, N)` each.
+    cross_attentions (`tuple(torch.FloatTensor)`, *optional*, with `output_attentions=True` and eager attention):
+        The encoder's cross-attention probabilities `(B, cross_heads, N, M)`, then the decoder's
+        `(B, decoder_heads, M, N)`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
+    """Shared by the per-element heads: the base model and a decoder with one query per input element."""
+
+    def _build_decoder(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
+        self._build_base(config, one_dimensional)
+        self.decoder = PerceiverLiteDecoder(config)
+
+    def _decode(self, inputs, attention_mask, logits_head, loss_function, **kwargs) -> PerceiverLiteDecoderOutput:
+        """Encode `inputs` `(B, C, *axes)`, decode one output per element, `logits_head` them, and `loss_function`
+        (None without labels) the logits."""
+        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
+        decoded, weights = self.decoder(
+            outputs.last_hidden_state, inputs.shape[2:], attention_mask, output_attentions=bool(output_attentions)
+        )  # (B, M, decoder_dim)
+        logits = logits_head(decoded)
+        cross_attentions = outputs.cross_attentions
+        if weights is not None:
+            cross_attentions = (*(cross_attentions or ()), weights)
+        return PerceiverLiteDecoderOutput(
+            loss=None if loss_function is None else loss_function(logits),
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=cross_attentions,
+        )
 
 
 class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -620,8 +834,10 @@ class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, Perc
         return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, **kwargs)
 
 
-class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
-    """Token ids embedded into `data_shape[0]` channels with 1-D Fourier positions; padding is masked out."""
+class PerceiverLiteForSequenceClassification(
+    PerceiverLiteTokenInputsMixin, PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel
+):
+    """Token ids embedded into `data_shape[0]` channels with 1-D positions; padding is masked out."""
 
     main_input_name = "input_ids"
     input_modalities = ("text",)
@@ -630,14 +846,8 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
         self._build_classifier(config, one_dimensional=True)
-        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
+        self._build_token_embeddings(config)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
 
     @can_return_tuple
     def forward(
@@ -653,13 +863,10 @@ class PerceiverLiteForSequenceClassification(PerceiverLiteClassificationMixin, P
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        check_token_ids(input_ids, self.config.vocab_size)
-        if attention_mask is not None:
-            check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+        self._check_token_inputs(input_ids, attention_mask)
         if labels is not None:
             self._check_labels(labels, input_ids.shape[0])
-        inputs = self.embeddings(input_ids).transpose(1, 2)  # (B, C, T)
-        return self._classify(inputs, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+        return self._classify(self._embed_tokens(input_ids), attention_mask, labels, SequenceClassifierOutput, **kwargs)
 
 
 class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -696,6 +903,153 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
         return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, **kwargs)
 
 
+class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):
+    """Masked language modelling (Perceiver IO): token ids (transformers' byte-level `PerceiverTokenizer` fits the
+    default `vocab_size`) in, one prediction per input token out, whatever the input length. The decoder's outputs go
+    through `lm_head`, whose weight is the token embedding's where `tie_word_embeddings`."""
+
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    pipeline_tag = "fill-mask"
+    _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
+
+    def __init__(self, config: PerceiverLiteConfig):
+        if config.tie_word_embeddings and config.decoder_width != config.data_shape[0]:
+            raise ValueError(
+                f"PerceiverLiteForMaskedLM ties lm_head to the token embedding (`tie_word_embeddings=True`), which "
+                f"needs `decoder_dim` ({config.decoder_width}) == `data_shape[0]` ({config.data_shape[0]}); set "
+                "decoder_dim to the embedding width, or tie_word_embeddings=False"
+            )
+        super().__init__(config)
+        self._build_decoder(config, one_dimensional=True)
+        self._build_token_embeddings(config)
+        self.lm_head = nn.Linear(config.decoder_width, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.lm_head = value
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PerceiverLiteDecoderOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`): token ids in `[0, vocab_size)`, with masked tokens.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
+        labels (`torch.LongTensor` of shape `(B, T)`, *optional*):
+            The original token ids where masked, -100 elsewhere (not scored).
+        """
+        self._check_token_inputs(input_ids, attention_mask)
+        vocab_size = self.config.vocab_size
+        loss_function = None
+        if labels is not None:
+            check_labels(labels, input_ids.shape[0], vocab_size, "single_label_classification", input_ids.shape[1:])
+            loss_function = lambda logits: self.loss_function(logits, labels, vocab_size=vocab_size)  # noqa: E731
+        return self._decode(self._embed_tokens(input_ids), attention_mask, self.lm_head, loss_function, **kwargs)
+
+
+class PerceiverLiteForTokenClassification(
+    PerceiverLiteTokenInputsMixin, PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel
+):
+    """Token classification (Perceiver IO): one class per input token (named entities, tags), through the decoder
+    and a linear layer."""
+
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    pipeline_tag = "token-classification"
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        self._build_decoder(config, one_dimensional=True)
+        self._build_token_embeddings(config)
+        self.classifier = nn.Linear(config.decoder_width, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PerceiverLiteDecoderOutput:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`): token ids in `[0, vocab_size)`.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
+        labels (`torch.LongTensor` of shape `(B, T)`, *optional*): class ids per token, -100 where not scored
+            (padding, continuation pieces).
+        """
+        self._check_token_inputs(input_ids, attention_mask)
+        loss_function = None
+        if labels is not None:
+            check_labels(labels, input_ids.shape[0], self.config.num_labels, "single_label_classification",
+                         input_ids.shape[1:])  # fmt: skip
+            loss_function = lambda logits: self.loss_function(logits, labels, self.config)  # noqa: E731
+        return self._decode(self._embed_tokens(input_ids), attention_mask, self.classifier, loss_function, **kwargs)
+
+
+class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):
+    """Per-element outputs on grids (Perceiver IO): per-pixel classes (semantic segmentation), per-time-step classes or
+    regression targets, for inputs `(B, C, *axes)` of any size; logits `(B, num_labels, *axes)`, channel-first like the
+    inputs. The loss by `config.problem_type` counts the valid elements only: not the padding of `attention_mask`,
+    nor class labels -100."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    pipeline_tag = "image-segmentation"
+
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__(config)
+        self._build_decoder(config)
+        self.classifier = nn.Linear(config.decoder_width, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> PerceiverLiteDecoderOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(B, C, *axes)`): images, signals or volumes of any size.
+        labels (`torch.LongTensor` of shape `(B, *axes)` or `torch.FloatTensor` of shape `(B, num_labels, *axes)`,
+            *optional*): class ids per element (-100: not scored), or regression / multi-hot targets per element, by
+            `config.problem_type`.
+        attention_mask (`torch.Tensor` of shape `(B, *axes)` or `(B, M)`, *optional*): 1 for valid elements.
+        """
+        self.perceiver._check_inputs(pixel_values, attention_mask, None, "pixel_values")
+        spatial_shape = pixel_values.shape[2:]
+        check_grid(self.config, "pixel_values", pixel_values.shape, spatial_shape, decoder=True)
+        loss_function = None
+        if labels is not None:
+            config = self.config
+            check_labels(labels, pixel_values.shape[0], config.num_labels, config.problem_type, spatial_shape)
+            loss_function = lambda logits: self._dense_loss(logits, labels, attention_mask)  # noqa: E731
+
+        def logits_head(decoded):  # (B, M, decoder_dim) -> (B, num_labels, *axes)
+            return self.classifier(decoded).transpose(1, 2).reshape(decoded.shape[0], -1, *spatial_shape)
+
+        return self._decode(pixel_values, attention_mask, logits_head, loss_function, **kwargs)
+
+    def _dense_loss(self, logits, labels, attention_mask) -> torch.Tensor:
+        """transformers' classification loss by `problem_type`, over the valid elements as samples."""
+        per_element = logits.flatten(2).transpose(1, 2)  # (B, M, num_labels)
+        targets = labels.flatten(2).transpose(1, 2) if labels.dim() == logits.dim() else labels.flatten(1)  # (B, M, ...)
+        if attention_mask is None:
+            return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), self.config)
+        valid = attention_mask.reshape(logits.shape[0], -1).bool()  # (B, M)
+        return ForSequenceClassificationLoss(targets[valid], per_element[valid], self.config)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Auto classes. Registered here, not in the package's `__init__`, so that a copy of this file loaded as remote code
 # (`trust_remote_code=True`) registers them too, and saves again with its code.
@@ -706,6 +1060,9 @@ AUTO_CLASSES = {
     "AutoModelForImageClassification": PerceiverLiteForImageClassification,
     "AutoModelForSequenceClassification": PerceiverLiteForSequenceClassification,
     "AutoModelForAudioClassification": PerceiverLiteForAudioClassification,
+    "AutoModelForMaskedLM": PerceiverLiteForMaskedLM,
+    "AutoModelForTokenClassification": PerceiverLiteForTokenClassification,
+    "AutoModelForSemanticSegmentation": PerceiverLiteForDensePrediction,
 }
 
 PerceiverLiteConfig.register_for_auto_class()
@@ -717,9 +1074,14 @@ __all__ = [
     "PerceiverBlock",
     "PerceiverLayer",
     "PerceiverLiteBlock",
+    "PerceiverLiteDecoder",
+    "PerceiverLiteDecoderOutput",
     "PerceiverLiteForAudioClassification",
+    "PerceiverLiteForDensePrediction",
     "PerceiverLiteForImageClassification",
+    "PerceiverLiteForMaskedLM",
     "PerceiverLiteForSequenceClassification",
+    "PerceiverLiteForTokenClassification",
     "PerceiverLiteModel",
     "PerceiverLitePreTrainedModel",
 ]

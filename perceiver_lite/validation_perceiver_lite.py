@@ -75,17 +75,21 @@ def check_token_ids(input_ids, vocab_size: int):
         )
 
 
-def check_labels(labels, batch_size: int, num_labels: int, problem_type: str | None):
-    """Labels by `problem_type`, inferred from their dtype as transformers' loss does when it is None."""
+def check_labels(labels, batch_size: int, num_labels: int, problem_type: str | None, element_shape: tuple = ()):
+    """Labels by `problem_type`, inferred from their dtype as transformers' loss does when it is None: per sample, or
+    per element of `element_shape` (the tokens or grid of a per-element head; classes `(B, *elements)`, regression and
+    multi-hot targets channel-first `(B, num_labels, *elements)`)."""
     if problem_type is None:
         integer = isinstance(labels, torch.Tensor) and labels.dtype in (torch.long, torch.int)
         problem_type = "regression" if num_labels == 1 else ("single_label_classification" if integer else None)
+    elements = tuple(element_shape)
     if problem_type == "single_label_classification":
-        shapes, kind = [(batch_size,), (batch_size, 1)], "torch.long class ids"
+        shapes, kind = [(batch_size, *elements)] + [(batch_size, 1)] * (not elements), "torch.long class ids"
     elif problem_type == "regression":
-        shapes, kind = [(batch_size, num_labels)] + [(batch_size,)] * (num_labels == 1), "regression targets"
+        shapes = [(batch_size, num_labels, *elements)] + [(batch_size, *elements)] * (num_labels == 1)
+        kind = "regression targets"
     else:
-        shapes, kind = [(batch_size, num_labels)], "multi-hot floats"
+        shapes, kind = [(batch_size, num_labels, *elements)], "multi-hot floats"
     expected = " or ".join(str(list(shape)) for shape in shapes) + f" ({kind})"
     check_tensor("labels", labels, expected, floating=True if kind == "multi-hot floats" else None)
     if tuple(labels.shape) not in shapes:
@@ -98,5 +102,20 @@ def check_labels(labels, batch_size: int, num_labels: int, problem_type: str | N
     if has_values(labels) and invalid.any():
         raise ValueError(
             f"`labels` must be class ids in [0, {num_labels - 1}] (or -100 to ignore), "
-            f"got {labels[invalid].unique().tolist()}"
+            f"got {labels[invalid].unique().tolist()[:8]}"
+        )
+
+
+def check_grid(config, name: str, shape, spatial_shape, decoder: bool = False):
+    """Learned positions (and a per-element head's learned decoder queries) exist for the nominal grid
+    `config.data_shape[1:]` only: an input larger along an axis has no embedding for its far positions."""
+    learned = [field for field, used in (
+        ("position_encoding_type", config.position_encoding_type == "learned"),
+        ("decoder_query_type", decoder and config.decoder_query_type == "learned"),
+    ) if used]  # fmt: skip
+    nominal = config.data_shape[1:]
+    if learned and any(size > limit for size, limit in zip(spatial_shape, nominal)):
+        raise ValueError(
+            f"`{name}` has shape {list(shape)}: its axes {list(spatial_shape)} exceed the nominal grid data_shape[1:] = "
+            f"{nominal}, the positions that learned {' and '.join(f'`{field}`' for field in learned)} embed"
         )

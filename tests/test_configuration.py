@@ -176,7 +176,7 @@ INVALID = [
     (dict(num_latent_transformers_in_layers=[6, -1]), "num_latent_transformers_in_layers", ">= 0"),
     (dict(dim=500), "dim", "divisible by `heads`"),
     (dict(cross_heads=3), "dim", "divisible by `cross_heads`"),
-    (dict(cross_kv_dim=258), "cross_kv_dim", "disagrees with data_shape"),
+    (dict(cross_kv_dim=258), "cross_kv_dim", "disagrees with the inputs"),
     (dict(data_shape=[3, 224, 224], cross_kv_dim=259), "cross_kv_dim", "disagrees"),
     (dict(num_bands=32, cross_kv_dim=259), "cross_kv_dim", "disagrees"),
     (dict(dim=0), "dim", "positive"),

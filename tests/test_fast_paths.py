@@ -349,7 +349,7 @@ def test_half_precision_attention_is_safe(model_tester, own_kernels, is_cross_at
     """Half-precision `attend`: finite convex combinations of the values for logits far beyond the half-precision range
     of `exp`, on each of its routes."""
     config = model_tester.get_config()
-    attention = PerceiverLiteAttention(config, is_cross_attention=is_cross_attention).eval()
+    attention = PerceiverLiteAttention(config, "cross" if is_cross_attention else "self").eval()
     heads = attention.num_heads
     query = torch.randn(2, heads, 6, 8, dtype=dtype) * 40  # logits in the thousands: exp overflows
     key, value = torch.randn(2, heads, 10, 8, dtype=dtype) * 40, torch.randn(2, heads, 10, 8, dtype=dtype)
@@ -511,7 +511,7 @@ def grid_attention_setup(grid):
         layers_indice=[0], num_latent_transformers_in_layers=[1],
     )  # fmt: skip
     config._attn_implementation = "sdpa"  # as a model sets it
-    attention = PerceiverLiteAttention(config, is_cross_attention=True).double()
+    attention = PerceiverLiteAttention(config, "cross").double()
     with torch.no_grad():
         for parameter in attention.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * 0.3)
