@@ -13,9 +13,8 @@ directly, so they run only where that is exactly what the modules would compute:
 - no module of the model is watched: no forward or backward hooks (accelerate's offloading hooks included) other than
   transformers' output recorders, no global module hooks, and no hidden states or attentions are being recorded;
 - the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
-- the encoder is the paper's (`PAPER_ENCODER`: every block cross-attends, Fourier positions concatenated to the raw
-  data channels, equal query/key and value widths, residuals around the cross-attention). The Perceiver IO decoder
-  always runs the reference.
+- the encoder's attentions have equal query/key and value widths (`qk_channels == v_channels`, and for the
+  cross-attention). The Perceiver IO decoder always runs the reference.
 
 What they do (each is tested against the reference, outputs and gradients, in `tests/test_fast_paths.py`):
 
@@ -72,7 +71,7 @@ def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
     config = module.config
     if not config.use_fast_paths or config._attn_implementation != "sdpa" or is_tracing() or _recording_outputs():
         return None
-    if not _paper_encoder(config) or _global_hooks() or not all(_plain(child) for child in module.modules()):
+    if not _equal_head_widths(config) or _global_hooks() or not all(_plain(child) for child in module.modules()):
         return None
     dropout = module.training and config.attention_dropout > 0
     checkpointing = module.training and torch.is_grad_enabled() and any(
@@ -81,16 +80,10 @@ def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
     return FastPlan(own_kernels=device.type == "cpu" and not dropout, checkpointing=checkpointing)
 
 
-# The config fields beyond the paper's encoder, at the values that give it: the fast paths implement that encoder only.
-PAPER_ENCODER = {
-    "cross_attend_blocks": None, "qk_channels": None, "v_channels": None, "cross_qk_channels": None,
-    "cross_v_channels": None, "cross_attention_query_residual": True, "input_projection_dim": None,
-    "position_encoding_type": "fourier", "concat_positions": True,
-}  # fmt: skip
-
-
-def _paper_encoder(config) -> bool:
-    return all(getattr(config, name) == value for name, value in PAPER_ENCODER.items())
+def _equal_head_widths(config) -> bool:
+    """Whether every attention's query/key and value widths are equal: the fast paths split, fuse and factor keys and
+    values with one head size."""
+    return all(qk == v for _, qk, v in (config.attention_channels("self"), config.attention_channels("cross")))
 
 
 def _plain(module: nn.Module) -> bool:
@@ -133,9 +126,13 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
     positions = grid = None
     if attention_mask is not None and attention_mask.all():  # no padding: the routes of an unmasked batch
         attention_mask = padding_mask = None
-    if inputs_embeds is None:  # the data channels and their position features, never concatenated
+    embeddings = model.embeddings
+    if inputs_embeds is None and (embeddings.position_features is None or embeddings.input_projection is not None
+                                  or not embeddings.concat_positions):  # fmt: skip
+        inputs_embeds = embeddings(inputs, attention_mask)  # learned, added or projected: the module's own inputs
+    if inputs_embeds is None:  # the data channels and their Fourier features, never concatenated
         inputs_embeds = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
-        positions = model.embeddings.positions(inputs.shape[2:], attention_mask, inputs.device, inputs.dtype)
+        positions = embeddings.positions(inputs.shape[2:], attention_mask, inputs.device, inputs.dtype)
         grid = tuple(inputs.shape[2:]) if attention_mask is None else None  # per-sample positions: no shared grid
         positions = positions.to(model.dtype)  # (M, F) or (B, M, F)
     inputs_embeds = inputs_embeds.to(model.dtype)
@@ -144,13 +141,14 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
     key_values = {}
     for step, index in enumerate(model.config.layers_indice):
         block = model.blocks[index]
-        if index not in key_values:  # repeats of a block attend to the same keys and values
+        if block.cross_layer is not None and index not in key_values:  # repeats attend to the same keys and values
             attention = block.cross_layer.cross_attention
             key_values[index] = project_inputs(attention, inputs_embeds, positions, grid)
             if plan.checkpointing:  # a checkpoint tracks tensor arguments only: no factored projections
                 key_values[index] = tuple(as_tensor(attention, p) for p in key_values[index])
-        key, value = key_values[index]
-        latents = run_layer(block.cross_layer, plan, latents, key, value, padding_mask, step == 0)
+        if block.cross_layer is not None:
+            key, value = key_values[index]
+            latents = run_layer(block.cross_layer, plan, latents, key, value, padding_mask, step == 0)
         for layer in block.layers:
             latents = run_layer(layer, plan, latents)
     return latents
@@ -183,7 +181,7 @@ def layer_forward(layer, plan: FastPlan, hidden_states, key=None, value=None, pa
         if shared_query and layer.pre_norm:  # post-norm normalises the residual sum, which differs per sample
             norm = shared_norm(norm)
         attend = functools.partial(cross_attention, layer.cross_attention, plan, shared_query=shared_query)
-        hidden_states = layer.sublayer(norm, attend, hidden_states, key, value, padding_mask)
+        hidden_states = layer.sublayer(norm, attend, hidden_states, key, value, padding_mask, residual=layer.query_residual)
     return layer.sublayer(layer.mlp_norm, functools.partial(mlp, layer.mlp), hidden_states)
 
 

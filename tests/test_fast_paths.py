@@ -123,6 +123,53 @@ def test_fast_paths_equal_the_reference(model_tester, pre_norm, cross_heads, mas
     assert_close_gradients(fast_grads, expected_grads, **tolerance)
 
 
+ENCODER_OPTIONS = {
+    "cross-attend-once": dict(layers_indice=[0, 1, 1], num_latent_transformers_in_layers=[0, 2], cross_attend_blocks=[0]),
+    "self-attention-first": dict(cross_attend_blocks=[1]),
+    "learned-positions": dict(position_encoding_type="learned", position_dim=6),
+    "added-positions": dict(position_encoding_type="learned", concat_positions=False),
+    "input-projection": dict(input_projection_dim=5),
+    "no-query-residual": dict(cross_attention_query_residual=False),
+    "own-qk-widths": dict(qk_channels=16, v_channels=16, cross_qk_channels=8, cross_v_channels=8, cross_ff_dim=24),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "per-sample-positions"])
+@pytest.mark.parametrize("option", list(ENCODER_OPTIONS))
+def test_fast_paths_equal_the_reference_with_encoder_options(model_tester, option, masked, monkeypatch):
+    """The encoder options beyond the paper's model (transformers' checkpoints use them) run the fast paths too, with
+    the reference's outputs and gradients."""
+    model = make_model(model_tester.get_config(**ENCODER_OPTIONS[option])).train()
+    inputs = (model_tester.prepare_inputs() * 4 + 3).requires_grad_()
+    mask = padding_mask() if masked else None
+    reference_calls = count_reference_attention(monkeypatch)
+
+    def run(use_fast_paths: bool):
+        model.config.use_fast_paths = use_fast_paths
+        inputs.grad = None
+        output, grads = forward_and_gradients(model, inputs, mask)
+        return output, {**grads, "inputs": inputs.grad.clone()}
+
+    fast_output, fast_grads = run(use_fast_paths=True)
+    assert reference_calls == []
+    expected, expected_grads = run(use_fast_paths=False)
+    assert reference_calls
+    torch.testing.assert_close(fast_output, expected, rtol=1e-4, atol=1e-5)
+    # relative to the largest gradient of all: without the query residual the latents leave the first cross-attend
+    # nearly equal, and the latent self-attention's query/key gradients are rounding noise (~1e-8)
+    scale = max(grad.abs().max() for grad in expected_grads.values())
+    for name, expected_grad in expected_grads.items():
+        torch.testing.assert_close(fast_grads[name], expected_grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_fast_plan_steps_aside_for_unequal_value_widths(model_tester):
+    """Keys and values of other widths than the queries' have no fused or factored route: the reference runs."""
+    for overrides in (dict(v_channels=64), dict(cross_v_channels=16)):
+        model = make_model(model_tester.get_config(**overrides))
+        assert fast.fast_plan(model, CPU) is None
+    assert fast.fast_plan(make_model(model_tester.get_config(qk_channels=16, v_channels=16)), CPU) is not None
+
+
 @pytest.mark.parametrize("mask_shape", [None, "keys", "queries-and-keys"])
 def test_perceiver_layer_fast_paths_equal_the_reference(mask_shape, monkeypatch):
     layer = PerceiverLayer(32, 4, 2, 8, dropout=0.0, ff_dropout=0.0)

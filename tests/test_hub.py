@@ -60,6 +60,9 @@ AUTO_MAP = {
     "AutoModelForImageClassification": "modeling_perceiver_lite.PerceiverLiteForImageClassification",
     "AutoModelForSequenceClassification": "modeling_perceiver_lite.PerceiverLiteForSequenceClassification",
     "AutoModelForAudioClassification": "modeling_perceiver_lite.PerceiverLiteForAudioClassification",
+    "AutoModelForMaskedLM": "modeling_perceiver_lite.PerceiverLiteForMaskedLM",
+    "AutoModelForTokenClassification": "modeling_perceiver_lite.PerceiverLiteForTokenClassification",
+    "AutoModelForSemanticSegmentation": "modeling_perceiver_lite.PerceiverLiteForDensePrediction",
 }
 ATOL = 1e-5
 
