@@ -57,7 +57,8 @@ class PerceiverLiteFourierFeatures(nn.Module):
     """Fourier position features: per axis, coordinates `x` in [-1, 1] and `[x, sin(pi f x), cos(pi f x)]` over the
     bands `f`; the axes' features are concatenated, `axes * (2 * num_bands + 1)` channels per position.
 
-    The coordinates of an axis of `n` elements are `linspace(-1, 1, n)`. With per-sample `extents` they come from each
+    The coordinates of an axis of `n` elements are `linspace(-1, 1, n)`, and the angles `pi * (x * f)`, as in
+    transformers' Perceiver. With per-sample `extents` they come from each
     sample's own valid extent along the axis (the last valid index + 1), so a padded sample gets exactly the features of
     the same sample unpadded. Features for an unmasked input depend only on its spatial shape: they are built once and
     reused until the shape changes (not while tracing, where they are part of the graph). Nothing is stored in the
@@ -89,14 +90,23 @@ class PerceiverLiteFourierFeatures(nn.Module):
             self._cached_key = key
         return self._cached_features
 
+    @staticmethod
+    def coordinates(size: int, extent: torch.Tensor | None, device) -> torch.Tensor:
+        """`linspace(-1, 1, size)` `(n,)`, as transformers' Perceiver (whose checkpoints convert to this model); or,
+        for per-sample extents `(B, 1)`, `linspace(-1, 1, extent)` over the first `extent` positions (the rest beyond
+        1) `(B, n)`, computed in float64 and rounded once: within one float32 rounding of `torch.linspace`."""
+        if extent is None:
+            return torch.linspace(-1.0, 1.0, size, device=device)
+        wide = torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64  # mps has no float64
+        index = torch.arange(size, device=device, dtype=wide)
+        return (index * 2 / (extent.to(wide) - 1).clamp(min=1) - 1).float()  # (B, n)
+
     def _build(self, spatial_shape, extents, device) -> torch.Tensor:
         lead = () if extents is None else (extents.shape[0],)
         per_axis = []
         for axis, size in enumerate(spatial_shape):
-            extent = size if extents is None else extents[:, axis : axis + 1].float()  # scalar or (B, 1)
-            step = 2.0 / (extent - 1).clamp(min=1) if extents is not None else 2.0 / max(size - 1, 1)
-            coordinates = torch.arange(size, device=device, dtype=torch.float32) * step - 1  # (n,) or (B, n)
-            scaled = math.pi * coordinates[..., None] * self.frequencies(axis, device)  # (..., n, bands)
+            coordinates = self.coordinates(size, None if extents is None else extents[:, axis : axis + 1], device)
+            scaled = math.pi * (coordinates[..., None] * self.frequencies(axis, device))  # (..., n, bands)
             features = torch.cat([coordinates[..., None], scaled.sin(), scaled.cos()], dim=-1)  # (..., n, 2 bands + 1)
             grid = [1] * len(spatial_shape)
             grid[axis] = size

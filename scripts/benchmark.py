@@ -17,6 +17,10 @@ short measurements (inference, and the matmul products that give this machine's 
   `weight_tie_layers=True` at the same depth: training-step throughput and peak memory.
 - Scenario C: the float32 training step at 4.1k, 16.4k and 65.7k input elements, time and peak memory, with the fitted
   exponent of their growth (log-log least squares).
+- Scenario D: byte-level masked language modelling (Perceiver IO: a decoder query per token), ours
+  (`PerceiverLiteForMaskedLM` in transformers' layout: learned positions added to the token embedding, one
+  cross-attend, learned position queries) against transformers' `PerceiverForMaskedLM` and perceiver-pytorch's
+  `PerceiverLM` at the same widths, in float32 and bfloat16: inference and training-step throughput, peak memory.
 
 Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
 allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
@@ -80,6 +84,41 @@ class Setup:
     @property
     def num_elements(self) -> int:
         return self.image_size**2 * self.channels
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.randn((self.batch_size, self.channels, self.image_size, self.image_size), generator=generator)
+        return inputs, torch.randint(0, NUM_LABELS, (self.batch_size,), generator=generator)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLMSetup:
+    """A byte-level masked language model over `seq_len` tokens, `mask_fraction` of them masked and scored.
+
+    The widths follow transformers' `PerceiverForMaskedLM`, whose decoder has 8 heads of 32 query/key channels and
+    values of the embedding width; the feed-forward widths are `ff_scale` x their input, as in scenario A."""
+
+    seq_len: int = 512
+    batch_size: int = 8
+    vocab_size: int = 262
+    d_model: int = 256  # the token embedding's width: the cross-attention's inputs and the decoder's queries
+    num_latents: int = 128
+    dim: int = 256
+    self_attends: int = 6
+    heads: int = 8
+    qk_channels: int = 256  # 8 heads x 32
+    ff_scale: int = 6
+    mask_fraction: float = 0.15
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=generator)
+        masked = torch.rand((self.batch_size, self.seq_len), generator=generator) < self.mask_fraction
+        return inputs, torch.where(masked, inputs, -100)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,6 +195,85 @@ def build_perceiver_pytorch(setup: Setup):
     return model, lambda inputs: model(inputs.permute(0, 2, 3, 1))  # channel-last (B, H, W, C), a view
 
 
+def build_ours_masked_lm(setup: MaskedLMSetup):
+    from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForMaskedLM
+
+    widths = dict(qk_channels=setup.qk_channels, v_channels=setup.dim)
+    config = PerceiverLiteConfig(
+        data_shape=[setup.d_model, setup.seq_len],
+        num_latent_tokens=setup.num_latents,
+        dim=setup.dim,
+        heads=setup.heads,
+        cross_heads=setup.heads,
+        layers_indice=[0, 1],
+        num_latent_transformers_in_layers=[0, setup.self_attends],
+        cross_attend_blocks=[0],
+        **widths,
+        cross_qk_channels=setup.qk_channels,
+        cross_v_channels=setup.dim,
+        ff_dim_scale=setup.ff_scale,
+        position_encoding_type="learned",
+        concat_positions=False,
+        decoder_dim=setup.d_model,
+        decoder_heads=setup.heads,
+        decoder_qk_channels=setup.qk_channels,
+        decoder_v_channels=setup.d_model,
+        decoder_query_residual=False,
+        decoder_query_type="learned",
+        vocab_size=setup.vocab_size,
+    )
+    model = PerceiverLiteForMaskedLM(config)
+    return model, lambda inputs: model(inputs).logits
+
+
+def build_transformers_masked_lm(setup: MaskedLMSetup):
+    from transformers import PerceiverConfig, PerceiverForMaskedLM
+
+    config = PerceiverConfig(
+        num_latents=setup.num_latents,
+        d_latents=setup.dim,
+        d_model=setup.d_model,
+        num_blocks=1,
+        num_self_attends_per_block=setup.self_attends,
+        num_self_attention_heads=setup.heads,
+        num_cross_attention_heads=setup.heads,
+        qk_channels=setup.qk_channels,
+        v_channels=setup.dim,
+        self_attention_widening_factor=setup.ff_scale,
+        cross_attention_widening_factor=setup.ff_scale,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=setup.seq_len,
+        vocab_size=setup.vocab_size,
+    )
+    model = PerceiverForMaskedLM(config)
+    return model, lambda inputs: model(inputs=inputs).logits
+
+
+def build_perceiver_pytorch_masked_lm(setup: MaskedLMSetup):
+    from perceiver_pytorch.perceiver_io import PerceiverLM
+
+    model = PerceiverLM(
+        dim=setup.d_model,
+        num_tokens=setup.vocab_size,
+        max_seq_len=setup.seq_len,
+        depth=setup.self_attends,
+        num_latents=setup.num_latents,
+        latent_dim=setup.dim,
+        cross_heads=setup.heads,
+        latent_heads=setup.heads,
+        cross_dim_head=setup.qk_channels // setup.heads,
+        latent_dim_head=setup.qk_channels // setup.heads,
+    )  # its feed-forward is a GEGLU of factor 4, the size of a plain one of factor 6
+    return model, model
+
+
+MASKED_LM_BUILDERS = {
+    "ours": build_ours_masked_lm,
+    "transformers": build_transformers_masked_lm,
+    "perceiver-pytorch": build_perceiver_pytorch_masked_lm,
+}
+
+
 BUILDERS = {
     "ours": build_ours,
     "ours (eager)": lambda setup: build_ours(setup, attn_implementation="eager"),
@@ -170,18 +288,21 @@ BUILDERS = {
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def builder(name: str, setup):
+    """The function that builds model `name` for `setup`: an image classifier, or a masked language model."""
+    return (MASKED_LM_BUILDERS if isinstance(setup, MaskedLMSetup) else BUILDERS)[name]
+
+
 class Runner:
     """A model with its inputs, labels and optimizer, and the steps to time."""
 
     def __init__(self, name: str, setup: Setup, device: str, dtype: str, seed: int = 0):
         torch.manual_seed(seed)
         self.name, self.setup, self.device = name, setup, device
-        model, self.logits = BUILDERS[name](setup)
+        model, self.logits = builder(name, setup)(setup)
         self.model = model.to(device)
-        generator = torch.Generator().manual_seed(seed)
-        shape = (setup.batch_size, setup.channels, setup.image_size, setup.image_size)
-        self.inputs = torch.randn(shape, generator=generator).to(device)
-        self.labels = torch.randint(0, NUM_LABELS, (setup.batch_size,), generator=generator).to(device)
+        inputs, labels = setup.batch(torch.Generator().manual_seed(seed))
+        self.inputs, self.labels = inputs.to(device), labels.to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         self.autocast = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
@@ -197,7 +318,7 @@ class Runner:
     def loss(self):
         self.model.train()
         with self.autocast:
-            return F.cross_entropy(self.logits(self.inputs).float(), self.labels)
+            return self.setup.loss(self.logits(self.inputs), self.labels)
 
     def train_step(self):
         self.loss().backward()
@@ -358,20 +479,22 @@ SCENARIO_MODELS = {
     "A": ["ours", "ours (eager)", "ours (checkpointing)", "transformers", "perceiver-pytorch"],
     "B": ["ours", "perceiver-pytorch"],
     "C": ["ours", "transformers", "perceiver-pytorch"],
+    "D": ["ours", "transformers", "perceiver-pytorch"],
 }
 
 
 def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
     """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
-    jobs = [(name, setups[s], dtype) for s in "AB" for dtype in ("float32", "bfloat16") for name in SCENARIO_MODELS[s]]
+    jobs = [(name, setups[s], dtype) for s in "ABD" for dtype in ("float32", "bfloat16") for name in SCENARIO_MODELS[s]]
     for image_size in image_sizes:
         setup = dataclasses.replace(setups["C"], image_size=image_size)
         jobs += [(name, setup, "float32") for name in SCENARIO_MODELS["C"]]
     return jobs
 
 
-def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dict) -> list[dict]:
-    names = SCENARIO_MODELS["A"]
+def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dict, scenario: str = "A") -> list[dict]:
+    """Inference and training throughput, achieved FLOP rate and peak memory of scenario A's models (or D's)."""
+    names = SCENARIO_MODELS[scenario]
     rows = []
     for dtype in ("float32", "bfloat16"):
         runners = {name: Runner(name, setup, device, dtype) for name in names}
@@ -382,7 +505,7 @@ def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dic
         del runners
         gc.collect()
         for name in names:
-            row = {"scenario": "A", "dtype": dtype, "model": name, "parameters": _parameters(name, setup)}
+            row = {"scenario": scenario, "dtype": dtype, "model": name, "parameters": _parameters(name, setup)}
             if name in inference:
                 row["inference_samples_per_s"] = setup.batch_size / inference[name]
                 row["inference_gflops_per_s"] = flops[name][0] / inference[name] / 1e9
@@ -459,7 +582,7 @@ _PARAMETER_COUNTS = {}
 def _parameters(name: str, setup: Setup) -> int:
     key = (name.split(" (")[0], setup)
     if key not in _PARAMETER_COUNTS:
-        model, _ = BUILDERS[key[0]](setup)
+        model, _ = builder(key[0], setup)(setup)
         _PARAMETER_COUNTS[key] = sum(p.numel() for p in model.parameters())
     return _PARAMETER_COUNTS[key]
 
@@ -526,6 +649,7 @@ def report(results: dict) -> str:
         ("A", "Scenario A: one cross-attend, {self_attends} latent self-attention layers"),
         ("B", "Scenario B: {cross_attends} cross-attends, block 1 repeated with shared weights"),
         ("C", "Scenario C: growth with input size (float32 training step, batch {batch_size})"),
+        ("D", "Scenario D: masked language modelling (Perceiver IO), {seq_len} byte tokens"),
     ):
         setup = results["setups"][scenario]
         parts.append(f"\n### {title.format(**setup)}\n\nSetup: `{setup}`\n")
@@ -573,16 +697,20 @@ def main():
 
     if args.quick:
         base = Setup(image_size=16, batch_size=2, num_latents=32, dim=64, num_bands=8, self_attends=2)
+        masked_lm = MaskedLMSetup(seq_len=256, batch_size=4, d_model=64, num_latents=16, dim=64, self_attends=2, qk_channels=32)
         image_sizes, repeats = [16, 32], args.repeats or 1
     else:
         base = Setup()
+        masked_lm = MaskedLMSetup()
         image_sizes, repeats = [37, 74, 148], args.repeats or 5  # 4.1k, 16.4k and 65.7k input elements
     if args.batch_size:
         base = dataclasses.replace(base, batch_size=args.batch_size)
+        masked_lm = dataclasses.replace(masked_lm, batch_size=args.batch_size)
     setups = {
         "A": base,
         "B": dataclasses.replace(base, cross_attends=4),
         "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
+        "D": masked_lm,
     }
 
     # minimum over many short products: the peak rate, robust to a passing slowdown of this shared machine; a GPU
@@ -597,6 +725,8 @@ def main():
     print(markdown_table(rows_b), flush=True)
     rows_c, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
     print(markdown_table(rows_c), flush=True)
+    rows_d = scenario_a(setups["D"], args.device, repeats, rates, memory, scenario="D")
+    print(markdown_table(rows_d), flush=True)
 
     import transformers
 
@@ -614,7 +744,7 @@ def main():
         },
         "setups": {name: dataclasses.asdict(setup) for name, setup in setups.items()},
         "matmul_gflops_per_s": rates,
-        "rows": rows + rows_b + rows_c,
+        "rows": rows + rows_b + rows_c + rows_d,
         "growth_exponents": exponents,
     }
     text = report(results)
