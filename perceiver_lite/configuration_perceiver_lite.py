@@ -129,6 +129,10 @@ class PerceiverLiteConfig(PreTrainedConfig):
             Queries of the per-element heads: `"fourier"`, the Fourier features of each output position (of each
             sample's valid extent under a mask) through a linear layer, for any output size; `"learned"`, a learned
             query per position of the nominal grid `data_shape[1:]` (outputs up to that size).
+        decoder_query_inputs (`bool`, *optional*, defaults to `False`):
+            Add to each per-element query its own input element (the `C` data channels through a linear layer), as
+            Perceiver IO's optical-flow decoder joins the inputs to its queries: outputs that depend on the element
+            itself (a token's tag, a pixel's class) then need not be recovered from the latents.
         classifier_pooling (`str`, *optional*, defaults to `"mean"`):
             How the classification heads read the latents: `"mean"`, LayerNorm and a linear layer on their mean (the
             paper); `"decoder"`, one learned decoder query cross-attends to them and a linear layer reads its output
@@ -193,6 +197,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     decoder_ff_dim_scale: int | float = 1
     decoder_query_residual: bool = True
     decoder_query_type: str = "fourier"
+    decoder_query_inputs: bool = False
     classifier_pooling: str = "mean"
     tie_word_embeddings: bool = True
 

@@ -476,7 +476,8 @@ class PerceiverLiteDecoder(nn.Module):
     The queries are `num_queries` learned vectors where given (1 for `classifier_pooling="decoder"`), else one per
     output position: learned per position of the nominal grid (`decoder_query_type="learned"`), or the Fourier
     features of the output positions through `query_proj` (`"fourier"`, any output size; of each sample's valid extent
-    under a mask, so that padding changes no output of a valid position).
+    under a mask, so that padding changes no output of a valid position). With `decoder_query_inputs`, each
+    per-element query also gets its own input element through `input_proj`.
     """
 
     def __init__(self, config: PerceiverLiteConfig, num_queries: int | None = None):
@@ -487,6 +488,8 @@ class PerceiverLiteDecoder(nn.Module):
         self.queries = nn.Parameter(torch.empty(num_queries or config.num_positions, config.decoder_width)) if learned else None
         self.position_features = None if learned else PerceiverLiteFourierFeatures(config)
         self.query_proj = None if learned else nn.Linear(config.num_position_features, config.decoder_width)
+        joins_inputs = config.decoder_query_inputs and not self.fixed_queries
+        self.input_proj = nn.Linear(config.data_shape[0], config.decoder_width) if joins_inputs else None
         self.layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True, decoder=True)
 
     def output_queries(self, batch_size: int, spatial_shape=(), attention_mask=None, device=None) -> torch.Tensor:
@@ -501,10 +504,15 @@ class PerceiverLiteDecoder(nn.Module):
             queries = self.query_proj(positions)  # (M, decoder_dim) or (B, M, decoder_dim)
         return queries.expand(batch_size, *queries.shape[-2:])  # (B, Q, decoder_dim)
 
-    def forward(self, latents, spatial_shape=(), attention_mask=None, output_attentions: bool = False, **kwargs):
-        """`(outputs (B, Q, decoder_dim), attention weights (B, H, Q, N) or None)`: the weights where
-        `output_attentions` (eager attention; sdpa returns none, as in transformers)."""
+    def forward(self, latents, inputs=None, attention_mask=None, output_attentions: bool = False, **kwargs):
+        """`(outputs (B, Q, decoder_dim), attention weights (B, H, Q, N) or None)` for the channel-first `inputs`
+        `(B, C, *axes)` of one output each (none for fixed queries); the weights where `output_attentions` (eager
+        attention; sdpa returns none, as in transformers)."""
+        spatial_shape = () if inputs is None else inputs.shape[2:]
         queries = self.output_queries(latents.shape[0], spatial_shape, attention_mask, latents.device)
+        if self.input_proj is not None:
+            data = inputs.flatten(2).transpose(1, 2).to(self.input_proj.weight.dtype)  # (B, M, C)
+            queries = queries + self.input_proj(data)  # (B, M, decoder_dim)
         if not output_attentions:
             return self.layer(queries, latents, **kwargs), None
         weights = []
@@ -754,14 +762,29 @@ class PerceiverLiteTokenInputsMixin:
     def set_input_embeddings(self, value: nn.Module):
         self.embeddings = value
 
-    def _check_token_inputs(self, input_ids, attention_mask):
-        check_token_ids(input_ids, self.config.vocab_size)
-        check_grid(self.config, "input_ids", input_ids.shape, input_ids.shape[1:], decoder=hasattr(self, "decoder"))
+    def _check_token_inputs(self, input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
+        """Exactly one of `input_ids` `(B, T)` and `inputs_embeds` `(B, T, data_shape[0])`, and the mask; `(B, T)`."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            name, shape = "input_ids", tuple(input_ids.shape)
+        else:
+            width = self.config.data_shape[0]
+            expected = f"[B, T, data_shape[0]={width}]"
+            check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=self.dtype)
+            if inputs_embeds.shape[-1] != width:
+                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
+            name, shape = "inputs_embeds", tuple(inputs_embeds.shape[:2])
+        check_grid(self.config, name, shape, shape[1:], decoder=hasattr(self, "decoder"))
         if attention_mask is not None:
-            check_mask("attention_mask", attention_mask, [tuple(input_ids.shape)])
+            check_mask("attention_mask", attention_mask, [shape])
+        return shape
 
-    def _embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embeddings(input_ids).transpose(1, 2)  # (B, C, T)
+    def _token_data(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """The channel-first data `(B, C, T)` of checked token inputs."""
+        embeds = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        return embeds.transpose(1, 2)  # (B, C, T)
 
 
 @dataclass
@@ -802,7 +825,7 @@ class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
         decoded, weights = self.decoder(
-            outputs.last_hidden_state, inputs.shape[2:], attention_mask, output_attentions=bool(output_attentions)
+            outputs.last_hidden_state, inputs, attention_mask, output_attentions=bool(output_attentions)
         )  # (B, M, decoder_dim)
         logits = logits_head(decoded)
         cross_attentions = outputs.cross_attentions
@@ -865,6 +888,7 @@ class PerceiverLiteForSequenceClassification(
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
         r"""
@@ -872,11 +896,14 @@ class PerceiverLiteForSequenceClassification(
         attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
+        inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
+            of `input_ids`.
         """
-        self._check_token_inputs(input_ids, attention_mask)
+        batch_size, _ = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
         if labels is not None:
-            self._check_labels(labels, input_ids.shape[0])
-        return self._classify(self._embed_tokens(input_ids), attention_mask, labels, SequenceClassifierOutput, **kwargs)
+            self._check_labels(labels, batch_size)
+        inputs = self._token_data(input_ids, inputs_embeds)
+        return self._classify(inputs, attention_mask, labels, SequenceClassifierOutput, **kwargs)
 
 
 class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -948,6 +975,7 @@ class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteEleme
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> PerceiverLiteDecoderOutput:
         r"""
@@ -955,14 +983,17 @@ class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteEleme
         attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
         labels (`torch.LongTensor` of shape `(B, T)`, *optional*):
             The original token ids where masked, -100 elsewhere (not scored).
+        inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
+            of `input_ids`.
         """
-        self._check_token_inputs(input_ids, attention_mask)
+        batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
         vocab_size = self.config.vocab_size
         loss_function = None
         if labels is not None:
-            check_labels(labels, input_ids.shape[0], vocab_size, "single_label_classification", input_ids.shape[1:])
+            check_labels(labels, batch_size, vocab_size, "single_label_classification", (length,))
             loss_function = lambda logits: self.loss_function(logits, labels, vocab_size=vocab_size)  # noqa: E731
-        return self._decode(self._embed_tokens(input_ids), attention_mask, self.lm_head, loss_function, **kwargs)
+        inputs = self._token_data(input_ids, inputs_embeds)
+        return self._decode(inputs, attention_mask, self.lm_head, loss_function, **kwargs)
 
 
 class PerceiverLiteForTokenClassification(
@@ -988,6 +1019,7 @@ class PerceiverLiteForTokenClassification(
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> PerceiverLiteDecoderOutput:
         r"""
@@ -995,14 +1027,16 @@ class PerceiverLiteForTokenClassification(
         attention_mask (`torch.Tensor` of shape `(B, T)`, *optional*): 1 for tokens, 0 for padding.
         labels (`torch.LongTensor` of shape `(B, T)`, *optional*): class ids per token, -100 where not scored
             (padding, continuation pieces).
+        inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
+            of `input_ids`.
         """
-        self._check_token_inputs(input_ids, attention_mask)
+        batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
         loss_function = None
         if labels is not None:
-            check_labels(labels, input_ids.shape[0], self.config.num_labels, "single_label_classification",
-                         input_ids.shape[1:])  # fmt: skip
+            check_labels(labels, batch_size, self.config.num_labels, "single_label_classification", (length,))
             loss_function = lambda logits: self.loss_function(logits, labels, self.config)  # noqa: E731
-        return self._decode(self._embed_tokens(input_ids), attention_mask, self.classifier, loss_function, **kwargs)
+        inputs = self._token_data(input_ids, inputs_embeds)
+        return self._decode(inputs, attention_mask, self.classifier, loss_function, **kwargs)
 
 
 class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):

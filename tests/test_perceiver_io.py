@@ -213,7 +213,7 @@ def test_decoder_width_and_channels_follow_the_config():
     assert (attention.k_proj.in_features, attention.v_proj.out_features, attention.o_proj.out_features) == (32, 12, 24)
     assert attention.num_heads == 2 and decoder.layer.mlp.fc1.out_features == 48
     assert decoder.query_proj.in_features == config.num_position_features
-    outputs, weights = decoder(torch.randn(2, 8, 32), (7,))
+    outputs, weights = decoder(torch.randn(2, 8, 32), torch.randn(2, config.data_shape[0], 7))
     assert outputs.shape == (2, 7, 24) and weights is None
     assert PerceiverLiteDecoder(tiny_config("token", decoder_ff_dim_scale=0)).layer.mlp is None
 
@@ -250,20 +250,25 @@ def reference_decoder(decoder, latents, queries, config):
      {"pre_norm": False, "decoder_query_residual": False, "decoder_ff_dim_scale": 2}],
     ids=["default", "heads-widths", "no-residual", "no-ff", "post-norm", "post-norm-no-residual"],
 )  # fmt: skip
+@pytest.mark.parametrize("query_inputs", [False, True], ids=["positions", "with-inputs"])
 @pytest.mark.parametrize("query_type", ["fourier", "learned"])
-def test_decoder_matches_a_hand_computation(fields, query_type):
-    config = tiny_config("token", decoder_query_type=query_type, **fields)
+def test_decoder_matches_a_hand_computation(fields, query_type, query_inputs):
+    config = tiny_config("token", decoder_query_type=query_type, decoder_query_inputs=query_inputs, **fields)
     model = make("token", config)
     decoder = model.decoder
     with torch.no_grad():  # biases and norms away from their initial zeros and ones
         for parameter in decoder.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
-    latents = torch.randn(2, 8, 32)
+    latents, inputs = torch.randn(2, 8, 32), torch.randn(2, config.data_shape[0], 7)
     if query_type == "learned":
         queries = decoder.queries[:7].expand(2, -1, -1)
     else:
         queries = decoder.query_proj(decoder.position_features((7,))).expand(2, -1, -1)
-    outputs, _ = decoder(latents, (7,))
+    if query_inputs:  # each query plus its own input element
+        queries = queries + decoder.input_proj(inputs.transpose(1, 2))
+    else:
+        assert decoder.input_proj is None
+    outputs, _ = decoder(latents, inputs)
     torch.testing.assert_close(outputs, reference_decoder(decoder, latents, queries, config), rtol=1e-5, atol=1e-5)
 
 
@@ -371,6 +376,7 @@ POSITION_VARIANTS = {
     "learned-positions": {"position_encoding_type": "learned"},
     "learned-queries": {"decoder_query_type": "learned"},
     "learned-learned": {"position_encoding_type": "learned", "decoder_query_type": "learned"},
+    "query-inputs": {"decoder_query_inputs": True},
 }
 
 
@@ -875,7 +881,13 @@ BAD_INPUTS = {
     "ids-float": ("mlm", {}, {"input_ids": IDS.float()}, TypeError, "`input_ids` must be an integer tensor"),
     "ids-rank": ("mlm", {}, {"input_ids": IDS[0]}, ValueError, r"`input_ids` must have shape \[B, T\]"),
     "ids-range": ("mlm", {}, {"input_ids": IDS + VOCAB_SIZE}, ValueError, "`input_ids` must be in"),
-    "ids-none": ("token", {}, {}, TypeError, "`input_ids` must be a torch.Tensor"),
+    "ids-none": ("token", {}, {}, ValueError, "Pass exactly one of `input_ids` and `inputs_embeds`"),
+    "ids-and-embeds": ("mlm", {}, {"input_ids": IDS, "inputs_embeds": torch.randn(2, 10, 16)}, ValueError,
+                       "Pass exactly one of `input_ids` and `inputs_embeds`"),
+    "embeds-width": ("token", {}, {"inputs_embeds": torch.randn(2, 10, 15)}, ValueError,
+                     r"`inputs_embeds` must have shape \[B, T, data_shape\[0\]=16\], got \[2, 10, 15\]"),
+    "embeds-int": ("mlm", {}, {"inputs_embeds": torch.zeros(2, 10, 16, dtype=torch.long)}, TypeError,
+                   "`inputs_embeds` must be a floating point tensor"),
     "token-ids-rank": ("token", {}, {"input_ids": IDS[:, :, None]}, ValueError, "`input_ids` must have shape"),
     "token-ids-float": ("token", {}, {"input_ids": IDS.float()}, TypeError, "`input_ids` must be an integer"),
     "mlm-mask-shape": ("mlm", {}, {"input_ids": IDS, "attention_mask": torch.ones(2, 9)}, ValueError,
@@ -1042,13 +1054,6 @@ def test_package_exports_the_new_heads():
     assert missing == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The token heads take no `inputs_embeds` (transformers' masked-LM and token-classification heads do): "
-    "`inputs_embeds=` falls into **kwargs and is forwarded to the encoder, which raises 'Pass exactly one of `inputs` "
-    "and `inputs_embeds`' (naming `inputs`, an argument these heads do not have) next to input_ids, or the "
-    "misleading '`input_ids` must be a torch.Tensor' without them",
-)
 @pytest.mark.parametrize("kind", ["mlm", "token"])
 def test_token_heads_take_inputs_embeds(kind):
     model = make(kind)
