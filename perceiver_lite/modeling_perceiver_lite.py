@@ -605,6 +605,7 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, PerceiverLiteModel):
             init.trunc_normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+            self._init_data_channel_gain(module)
         if isinstance(module, PerceiverLiteDecoder) and module.queries is not None:
             init.trunc_normal_(module.queries, mean=0.0, std=self.config.initializer_range)
         if isinstance(module, PerceiverLiteEmbeddings) and module.position_embeddings is not None:
@@ -614,6 +615,23 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
             # The token embedding of PerceiverLiteForSequenceClassification: data channels beside Fourier features of
             # unit scale. At initializer_range they would vanish in the inputs' LayerNorm and the model learn slowly.
             init.normal_(module.weight, mean=0.0, std=1.0)
+
+    def _init_data_channel_gain(self, model: "PerceiverLiteModel"):
+        """The cross-attention's input norm sees `C` data channels beside `F` position channels (1 beside 66 for
+        grayscale images with 8 bands per axis): at gain 1 the data are `C / (C + F)` of the keys' and values' inputs
+        and the model learns the positions first, the data late. A gain of `sqrt(F / C)` on the data channels gives
+        them the positions' share. Here, at the model's level, because transformers initialises a module's children
+        (the norm, to ones) before the module; `init.copy_` leaves loaded weights alone."""
+        config = self.config
+        if not config.concat_positions:
+            return
+        channels, positions = config.data_width, config.position_width
+        for block in model.blocks:
+            norm = None if block.cross_layer is None else block.cross_layer.cross_attention.kv_norm
+            if norm is not None:
+                gain = torch.ones_like(norm.weight)
+                gain[:channels] = math.sqrt(positions / channels)
+                init.copy_(norm.weight, gain)
 
 
 class PerceiverLiteModel(PerceiverLitePreTrainedModel):

@@ -614,3 +614,24 @@ def test_training_steps_lower_the_loss(model_tester):
         optimizer.zero_grad()
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_data_channels_get_the_positions_share_of_the_input_norm(tmp_path):
+    """A fresh model's cross-attention input norm weighs the `C` data channels by sqrt(F / C) against the `F` position
+    channels (see `_init_data_channel_gain`); loading keeps the saved weights; added positions keep gain 1."""
+    config = PerceiverLiteModelTester(data_shape=[2, 8, 8]).get_config()
+    model = PerceiverLiteModel(config)
+    channels, features = 2, config.num_position_features
+    for block in model.blocks:
+        weight = block.cross_layer.cross_attention.kv_norm.weight
+        torch.testing.assert_close(weight[:channels], torch.full((channels,), (features / channels) ** 0.5))
+        torch.testing.assert_close(weight[channels:], torch.ones(features))
+    with torch.no_grad():
+        model.blocks[0].cross_layer.cross_attention.kv_norm.weight.fill_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = PerceiverLiteModel.from_pretrained(tmp_path)
+    assert (loaded.blocks[0].cross_layer.cross_attention.kv_norm.weight == 0.5).all()
+    added = PerceiverLiteModel(
+        PerceiverLiteModelTester(data_shape=[2, 8, 8]).get_config(position_encoding_type="learned", concat_positions=False)
+    )
+    assert (added.blocks[0].cross_layer.cross_attention.kv_norm.weight == 1).all()

@@ -1,0 +1,75 @@
+"""`scripts/benchmark_learning.py` runs end to end on a tiny budget and writes its table; its data sets and time-based
+schedule are what its docstring says. It checks the report, never the accuracy reached: that is for the benchmark
+itself, with its full budget."""
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark_learning.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_learning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_learning"] = module  # the worker processes find their function by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_cosine_falls_from_one_to_zero_over_the_budget(benchmark):
+    budget = benchmark.TimeBudget(10.0)
+    assert budget.cosine() == 1.0  # before training starts
+    budget.start = time.perf_counter() - 5.0
+    assert budget.cosine() == pytest.approx(0.5, abs=0.01)
+    budget.start = time.perf_counter() - 12.0
+    assert budget.cosine() == 0.0
+
+
+@pytest.mark.parametrize("name", ["digits", "sequence", "tokens"])
+def test_tasks_have_ten_classes_and_disjoint_splits(benchmark, name):
+    task = benchmark.load_task(name)
+    assert set(np.unique(task.train_labels)) == set(range(10))
+    assert len(task.train_labels) == len(task.train_inputs) and len(task.test_labels) == len(task.test_inputs)
+    assert len(task.test_labels) >= 300
+
+
+def test_sequence_class_depends_on_the_order(benchmark):
+    """Reversing a signal keeps its values but changes its class (the positive pulse moves and swaps sides)."""
+    task = benchmark.sequence_task()
+    signal = task.train_inputs[0, 0]
+    positive, negative = int(signal.argmax()), int(signal.argmin())
+    reversed_positive, reversed_negative = len(signal) - 1 - positive, len(signal) - 1 - negative
+    label = positive * 5 // len(signal) + 5 * (positive < negative)
+    reversed_label = reversed_positive * 5 // len(signal) + 5 * (reversed_positive < reversed_negative)
+    assert task.train_labels[0] == label != reversed_label
+
+
+def test_tiny_run_writes_the_table(benchmark, tmp_path):
+    output = tmp_path / "learning"
+    args = ["--budget", "1", "--datasets", "tokens", "--seeds", "0", "--models", "ours", "perceiver-pytorch"]
+    rows = benchmark.main([*args, "--output", str(output)])
+
+    assert [(row["dataset"], row["model"]) for row in rows] == [("tokens", "ours"), ("tokens", "perceiver-pytorch")]
+    payload = json.loads(output.with_suffix(".json").read_text())
+    assert len(payload["runs"]) == 2
+    for run in payload["runs"]:
+        assert 0.0 <= run["accuracy"] <= 1.0
+        assert run["steps"] > 0 and run["train_seconds"] >= 1.0 and run["steps_per_second"] > 0
+    table = output.with_suffix(".md").read_text()
+    assert "| tokens | ours |" in table and "| tokens | perceiver-pytorch |" in table
+    assert "python scripts/benchmark_learning.py --budget 1 --datasets tokens" in table
+
+
+def test_unknown_model_is_refused(benchmark, tmp_path):
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(["--models", "ours", "nonexistent"])
