@@ -142,8 +142,14 @@ def final_results(output_dir) -> tuple[dict[str, torch.Tensor], dict[str, float]
 
 
 def assert_same_results(actual, expected, atol):
+    """The same weights, metrics and losses within `atol`. The keys' biases are left out: the softmax over the keys is
+    invariant to them, so their gradients are rounding noise, which Adam's normalised step turns into updates of its
+    full size (a different reduction order under DDP flips their signs); they change no output."""
     (weights, metrics, losses), (expected_weights, expected_metrics, expected_losses) = actual, expected
-    torch.testing.assert_close(weights, expected_weights, rtol=0, atol=atol)
+    assert weights.keys() == expected_weights.keys()
+    compared = [name for name in weights if not name.endswith("k_proj.bias")]
+    torch.testing.assert_close({n: weights[n] for n in compared}, {n: expected_weights[n] for n in compared}, rtol=0,
+                               atol=atol)  # fmt: skip
     assert metrics["eval_accuracy"] == expected_metrics["eval_accuracy"]
     assert metrics["eval_loss"] == pytest.approx(expected_metrics["eval_loss"], abs=atol)
     assert losses == pytest.approx(expected_losses, abs=atol)
@@ -188,11 +194,12 @@ def test_two_process_ddp_matches_one_process_and_saves_a_loadable_model(uninterr
     # equal losses at every logged step: one training over two processes, not two independent trainings
     state = json.loads((tmp_path / f"checkpoint-{MAX_STEPS}" / "trainer_state.json").read_text())
     assert state["global_step"] == MAX_STEPS
-    assert_same_results(final_results(tmp_path), uninterrupted_run, atol=1e-5)
+    results = final_results(tmp_path)
+    assert_same_results(results, uninterrupted_run, atol=1e-5)
 
     model, loading_info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert all(not keys for keys in loading_info.values()), loading_info  # no `module.` prefixes, nothing missing
-    torch.testing.assert_close(model.state_dict(), uninterrupted_run[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.state_dict(), results[0], rtol=0, atol=0)  # the saved weights, as saved
 
 
 # ---------------------------------------------------------------------------------------------------------------------
