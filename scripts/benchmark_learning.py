@@ -3,7 +3,7 @@
 perceiver-pytorch's `Perceiver` of the same configuration.
 
     python scripts/benchmark_learning.py                            # 3 data sets x 3 seeds x 3 models x 60 s, ~16 min
-    python scripts/benchmark_learning.py --budget 240               # the issue's budget (about 40 minutes)
+    python scripts/benchmark_learning.py --budget 240               # 4 minutes a run (about 40 minutes in all)
     python scripts/benchmark_learning.py --datasets sequence --seeds 0 --budget 20
 
 Each model trains from scratch through `transformers.Trainer`, as a user would (perceiver-pytorch inside a small
@@ -31,7 +31,7 @@ batch order only):
   times, against 3 times for two others) among filler tokens 10-19 (the token-embedding path,
   `PerceiverLiteForSequenceClassification`).
 
-Both models share the config of the issue: 16 latents of width 64, 4 latent heads of width 16, 1 cross head of width
+Both models share one config: 16 latents of width 64, 4 latent heads of width 16, 1 cross head of width
 64, block 0 then block 1 twice with shared weights, 2 latent self-attention layers per block, 16 linear Fourier bands
 up to the input's Nyquist frequency, dropout 0.1 on attention weights and feed-forward outputs; ours has feed-forward
 layers of width 6 x dim, the parameter count of perceiver-pytorch's GEGLU with factor 4.
@@ -148,7 +148,7 @@ TOKEN_EMBEDDING_WIDTH = 16
 
 
 def ours_config(task: Task, **overrides):
-    """The issue's config as a `PerceiverLiteConfig`; `overrides` replace fields (for ablations)."""
+    """The shared config as a `PerceiverLiteConfig`; `overrides` replace fields (for ablations)."""
     from perceiver_lite import PerceiverLiteConfig
 
     channels = TOKEN_EMBEDDING_WIDTH if task.vocab_size else task.train_inputs.shape[1]
