@@ -9,7 +9,8 @@ directly, so they run only where that is exactly what the modules would compute:
 - `config.use_fast_paths` is True and `config._attn_implementation` is `"sdpa"` (`"eager"` is the reference's own
   math, step by step);
 - every projection is a plain `nn.Linear` and every norm a plain `nn.LayerNorm` (not PEFT's LoRA layers, quantised
-  or parametrised modules, nor subclasses), with plain `nn.Parameter` weights off the meta device;
+  or parametrised modules, nor subclasses), with plain `nn.Parameter` weights and biases (none removed) off the meta
+  device;
 - no module of the model is watched: no forward or backward hooks (accelerate's offloading hooks included) other than
   transformers' output recorders, no global module hooks, and no hidden states or attentions are being recorded;
 - the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
@@ -88,11 +89,13 @@ def _equal_head_widths(config) -> bool:
 
 def _plain(module: nn.Module) -> bool:
     """Whether the fast paths may read `module`'s weights instead of calling it: its projections and norms are plain
-    `nn.Linear` / `nn.LayerNorm`, its own parameters plain and with values, and no hook watches it."""
+    `nn.Linear` / `nn.LayerNorm` with the weight and bias the model builds (not removed or replaced by `None`), its
+    own parameters plain and with values, and no hook watches it."""
     children = [(getattr(module, name, None), nn.Linear) for name in PROJECTIONS]
     children += [(getattr(module, name, None), nn.LayerNorm) for name in NORMS]
-    if any(child is not None and type(child) is not plain for child, plain in children):
-        return False
+    for child, plain in children:
+        if child is not None and (type(child) is not plain or child.weight is None or child.bias is None):
+            return False
     if any(type(p) is not nn.Parameter or p.device.type == "meta" for p in module.parameters(recurse=False)):
         return False
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
@@ -191,13 +194,23 @@ def shared_norm(norm: nn.LayerNorm):
 
 
 def mlp(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`PerceiverLiteMLP.forward`, with the activation in place where autograd does not need its input (inference)
-    and no hook watches it: one `(B, N, ff_dim)` tensor less to allocate and write."""
+    """`PerceiverLiteMLP.forward`. Where autograd records it, `RecomputedActivationMLP` keeps one `(B, N, ff_dim)`
+    tensor for backward instead of two; without gradients the activation runs in place: one tensor less to allocate
+    and write."""
+    parameters = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (hidden_states, *parameters)):
+        dtype = autocast_dtype(hidden_states.device)
+        hidden_states = hidden_states if dtype is None else hidden_states.to(dtype)
+        return module.dropout(RecomputedActivationMLP.apply(module.act, dtype, hidden_states, *parameters))
     hidden_states = module.fc1(hidden_states)  # (B, N, ff_dim)
     in_place = in_place_activation(module.act)
-    needs_input = torch.is_grad_enabled() and hidden_states.requires_grad
-    hidden_states = module.act(hidden_states) if in_place is None or needs_input else in_place(hidden_states)
+    hidden_states = module.act(hidden_states) if in_place is None else in_place(hidden_states)
     return module.dropout(module.fc2(hidden_states))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts a linear layer's operands to on `device`, or None where it is off there."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def in_place_activation(act: nn.Module):
@@ -393,6 +406,51 @@ class RecomputedAttention(torch.autograd.Function):
                 _matmul_into(grad_key[batch], grad_scores.transpose(-1, -2), query_block, accumulate=later_rows)
         grad_query = None if grad_query is None else grad_query.mul_(ctx.scaling)
         return grad_query, grad_key, grad_value, None, None
+
+
+class RecomputedActivationMLP(torch.autograd.Function):
+    """`fc2(act(fc1(x)))` that saves `x` and `fc1`'s output for backward and recomputes the activation there: autograd
+    would also keep the activation's output, for `fc2`'s weight gradient, one more `(B, N, ff_dim)` tensor per layer
+    (the largest the latent layers keep). The activation's gradient is autograd's own, through the module, so any
+    activation gets exactly its gradient. Under autocast (`dtype`: its dtype, `x` already cast) the products run in
+    that dtype as autocast's would; the parameters are cast again in backward rather than kept in two dtypes, and
+    their gradients come back in their own dtype."""
+
+    @staticmethod
+    def forward(ctx, act, dtype, hidden_states, weight_1, bias_1, weight_2, bias_2):
+        ctx.act, ctx.dtype = act, dtype
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            cast_weight_1, cast_bias_1, cast_weight_2, cast_bias_2 = _cast(dtype, weight_1, bias_1, weight_2, bias_2)
+            pre_activation = nn.functional.linear(hidden_states, cast_weight_1, cast_bias_1)  # (B, N, ff_dim)
+            output = nn.functional.linear(act(pre_activation), cast_weight_2, cast_bias_2)  # (B, N, width)
+        ctx.save_for_backward(hidden_states, pre_activation, weight_1, weight_2)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden_states, pre_activation, weight_1, weight_2 = ctx.saved_tensors
+        needs_input, needs_weight_1, needs_bias_1, needs_weight_2, needs_bias_2 = ctx.needs_input_grad[2:]
+        cast_weight_1, cast_weight_2 = _cast(ctx.dtype, weight_1, weight_2)
+        with torch.enable_grad(), torch.autocast(hidden_states.device.type, enabled=False):
+            leaf = pre_activation.detach().requires_grad_()
+            activation = ctx.act(leaf)  # (B, N, ff_dim), as in forward
+        grad_output = grad_output.flatten(0, -2)  # (B N, width)
+        grad_weight_2 = grad_output.T @ activation.detach().flatten(0, -2) if needs_weight_2 else None
+        grad_bias_2 = grad_output.sum(0) if needs_bias_2 else None
+        grad_activation = (grad_output @ cast_weight_2).view_as(activation)  # (B, N, ff_dim)
+        (grad_pre,) = torch.autograd.grad(activation, leaf, grad_activation)
+        del activation, grad_activation
+        grad_pre = grad_pre.flatten(0, -2)  # (B N, ff_dim)
+        grad_input = (grad_pre @ cast_weight_1).view_as(hidden_states) if needs_input else None
+        grad_weight_1 = grad_pre.T @ hidden_states.flatten(0, -2) if needs_weight_1 else None
+        grad_bias_1 = grad_pre.sum(0) if needs_bias_1 else None
+        grads = _cast(weight_1.dtype, grad_weight_1, grad_bias_1, grad_weight_2, grad_bias_2)
+        return None, None, grad_input, *grads
+
+
+def _cast(dtype: torch.dtype | None, *tensors):
+    """`tensors` (None kept) in `dtype`, or as they are where it is None."""
+    return tuple(t if t is None or dtype is None else t.to(dtype) for t in tensors)
 
 
 def _matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool = False):

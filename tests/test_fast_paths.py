@@ -4,6 +4,7 @@ are measured by `scripts/benchmark.py`."""
 
 import copy
 import dataclasses
+import functools
 import pickle
 
 import pytest
@@ -238,6 +239,10 @@ def watch(model, case: str):
         model.blocks[0].layers[0].mlp.fc1 = subclassed(model.blocks[0].layers[0].mlp.fc1)
     elif case == "norm-subclass":
         attention.kv_norm.__class__ = type("WrappedNorm", (nn.LayerNorm,), {})
+    elif case == "bias-free-linear":
+        attention.k_proj.register_parameter("bias", None)  # a user's edit the fast paths' fused biases cannot read
+    elif case == "norm-without-affine":
+        model.blocks[0].layers[0].mlp_norm.weight = None
     elif case == "parametrized-weight":
         nn.utils.parametrize.register_parametrization(attention.v_proj, "weight", nn.Identity())
     elif case == "forward-hook":
@@ -259,6 +264,8 @@ STEP_ASIDE_CASES = [
     "lora-like-module",
     "linear-subclass",
     "norm-subclass",
+    "bias-free-linear",
+    "norm-without-affine",
     "parametrized-weight",
     "forward-hook",
     "forward-pre-hook",
@@ -695,3 +702,37 @@ def test_torch_compile_matches_eager_mode(model_tester):
     output = gradients(model, compiled(inputs).last_hidden_state)
     for name in expected:
         torch.testing.assert_close(output[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def saved_for_backward(function, *args) -> list[torch.Size]:
+    """The shapes of the tensors autograd keeps for the backward pass of `function(*args)`, parameters aside."""
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(t.shape) or t, lambda t: t):
+        output = function(*args)
+    return output, shapes
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
+def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype):
+    """Under autograd the fast feed-forward gives the module's output and the gradients of its input and parameters,
+    and keeps one `(B, N, ff_dim)` tensor for backward where the module keeps two (the activation's input and
+    output)."""
+    mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act))
+    hidden_states = torch.randn(3, 5, model_tester.dim, requires_grad=True)
+    cotangent = torch.randn(3, 5, model_tester.dim)
+
+    def run(function):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            output, saved = saved_for_backward(function, hidden_states)
+        grads = torch.autograd.grad(output, [hidden_states, *mlp.parameters()], cotangent.to(output.dtype))
+        return output, grads, [shape for shape in saved if shape.numel() == 3 * 5 * mlp.fc1.out_features]
+
+    expected, expected_grads, expected_saved = run(mlp)
+    output, grads, saved = run(functools.partial(fast.mlp, mlp))
+    assert output.dtype == expected.dtype
+    tolerance = dict(rtol=0, atol=0) if autocast_dtype is None else dict(rtol=0.02, atol=0.02)
+    torch.testing.assert_close(output, expected, **tolerance)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **(tolerance if autocast_dtype else dict(rtol=1e-5, atol=1e-6)))
+    assert len(expected_saved) >= 2 and len(saved) == 1
