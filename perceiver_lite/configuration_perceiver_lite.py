@@ -142,6 +142,10 @@ class PerceiverLiteConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             `PerceiverLiteForMaskedLM`'s output projection shares the token embedding's weight (as transformers'
             language Perceiver); this needs `decoder_dim == data_shape[0]`. `False` learns its own.
+        gated_feed_forward (`bool`, *optional*, defaults to `False`):
+            Gated feed-forward layers: `fc1` gives values and gates, the hidden units are `values * act(gates)`
+            (GEGLU with `hidden_act="gelu"`, as perceiver-pytorch's). `ff_dim_scale=4` then has the parameters of a
+            plain feed-forward of scale 6; small models learn faster with it (see `benchmarks/learning-cpu.md`).
 
     Labels (`num_labels`, `id2label`, `label2id`, `problem_type`) work as in every transformers config.
 
@@ -202,6 +206,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     decoder_query_inputs: bool = False
     classifier_pooling: str = "mean"
     tie_word_embeddings: bool = True
+    gated_feed_forward: bool = False
 
     def __post_init__(self, **kwargs):
         for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):

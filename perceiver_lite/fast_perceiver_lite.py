@@ -14,8 +14,8 @@ directly, so they run only where that is exactly what the modules would compute:
 - no module of the model is watched: no forward or backward hooks (accelerate's offloading hooks included) other than
   transformers' output recorders, no global module hooks, and no hidden states or attentions are being recorded;
 - the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
-- the encoder's attentions have equal query/key and value widths (`qk_channels == v_channels`, and for the
-  cross-attention). The Perceiver IO decoder always runs the reference.
+- the module's attentions have equal query/key and value widths (`qk_channels == v_channels`, and for the
+  cross-attention or the decoder's).
 
 What they do (each is tested against the reference, outputs and gradients, in `tests/test_fast_paths.py`):
 
@@ -28,13 +28,15 @@ What they do (each is tested against the reference, outputs and gradients, in `t
   one); where `r` is below the head size each head attends with `q W_k` to those features directly (`grid_attention`).
 - **A query shared by the batch.** The latents before their first cross-attend are one array for every sample: their
   norm runs once, and where the grid features do not apply `SharedQueryAttention` computes the position part of the
-  scores once for the batch.
+  scores once for the batch. The Perceiver IO decoder's learned queries (and the Fourier queries of an unpadded grid)
+  are shared too: their norm and query projection run once (`decode`).
 - **One product for q, k and v** of the latent self-attention.
 - **Attention through plain batched matmuls on the CPU** (`RecomputedAttention`, which keeps nothing of size
   `(Lq, Lk)` for backward, and `kept_probabilities_attention_forward` for the latents' own small scores): faster than
   torch's fused CPU kernel in half precision, and in float32 where only the query needs a gradient. Off the CPU, and
   with attention dropout, torch's fused kernels run (the reference's sdpa path).
-- **The feed-forward activation in place** where autograd keeps no input (inference) and no hook watches it.
+- **The feed-forward's activation recomputed in backward** (`RecomputedActivationMLP`): one `(B, N, ff_dim)`
+  tensor kept per layer instead of two; in place where autograd keeps no input (inference).
 """
 
 import dataclasses
@@ -67,12 +69,13 @@ class FastPlan:
 
 
 def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
-    """The fast paths' plan for a forward of `module` (a `PerceiverLiteModel` or `PerceiverLayer`) on `device`, or None
-    where they cannot be exact and the reference must run (see the module docstring)."""
+    """The fast paths' plan for a forward of `module` (a `PerceiverLiteModel`, `PerceiverLayer` or
+    `PerceiverLiteDecoder`) on `device`, or None where they cannot be exact and the reference must run (see the module
+    docstring)."""
     config = module.config
     if not config.use_fast_paths or config._attn_implementation != "sdpa" or is_tracing() or _recording_outputs():
         return None
-    if not _equal_head_widths(config) or _global_hooks() or not all(_plain(child) for child in module.modules()):
+    if not _equal_head_widths(module) or _global_hooks() or not all(_plain(child) for child in module.modules()):
         return None
     dropout = module.training and config.attention_dropout > 0
     checkpointing = module.training and torch.is_grad_enabled() and any(
@@ -81,10 +84,10 @@ def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
     return FastPlan(own_kernels=device.type == "cpu" and not dropout, checkpointing=checkpointing)
 
 
-def _equal_head_widths(config) -> bool:
-    """Whether every attention's query/key and value widths are equal: the fast paths split, fuse and factor keys and
-    values with one head size."""
-    return all(qk == v for _, qk, v in (config.attention_channels("self"), config.attention_channels("cross")))
+def _equal_head_widths(module: nn.Module) -> bool:
+    """Whether every attention of `module` has equal query/key and value head widths: the fast paths split, fuse and
+    factor keys and values with one head size."""
+    return all(child.head_dim == child.v_head_dim for child in module.modules() if hasattr(child, "v_head_dim"))
 
 
 def _plain(module: nn.Module) -> bool:
@@ -157,6 +160,14 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
     return latents
 
 
+def decode(decoder, plan: FastPlan, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """`PerceiverLiteDecoder`'s layer: its `queries` `(B, Q, decoder_dim)` attend to the final `latents`. Queries shared
+    by the batch (learned, or the positions of an unmasked grid: stride 0 along it) are normalised and projected once."""
+    key, value = project_inputs(decoder.layer.cross_attention, latents)
+    shared_query = queries.shape[0] > 1 and queries.stride(0) == 0
+    return run_layer(decoder.layer, plan, queries, key, value, None, shared_query)
+
+
 def perceiver_layer(module, plan: FastPlan, q: torch.Tensor, context: torch.Tensor, padding_mask) -> torch.Tensor:
     """`PerceiverLayer`'s output: each layer attends from `q` to its projections of `context`."""
     for layer in module.layers:
@@ -175,7 +186,8 @@ def run_layer(layer, plan: FastPlan, hidden_states, key=None, value=None, paddin
 
 def layer_forward(layer, plan: FastPlan, hidden_states, key=None, value=None, padding_mask=None, shared_query=False):
     """`PerceiverLiteLayer.forward` through the fast paths. `shared_query`: `hidden_states` is one array expanded along
-    the batch (the latents before their first cross-attend), so its norm runs once."""
+    the batch (the latents before their first cross-attend, the decoder's learned queries), so its norm and query
+    projection run once."""
     if layer.self_attention is not None:
         attend = functools.partial(self_attention, layer.self_attention, plan)
         hidden_states = layer.sublayer(layer.self_attention_norm, attend, hidden_states)
@@ -185,6 +197,8 @@ def layer_forward(layer, plan: FastPlan, hidden_states, key=None, value=None, pa
             norm = shared_norm(norm)
         attend = functools.partial(cross_attention, layer.cross_attention, plan, shared_query=shared_query)
         hidden_states = layer.sublayer(norm, attend, hidden_states, key, value, padding_mask, residual=layer.query_residual)
+    if layer.mlp is None:  # the decoder's layer without a feed-forward
+        return hidden_states
     return layer.sublayer(layer.mlp_norm, functools.partial(mlp, layer.mlp), hidden_states)
 
 
@@ -201,10 +215,10 @@ def mlp(module, hidden_states: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (hidden_states, *parameters)):
         dtype = autocast_dtype(hidden_states.device)
         hidden_states = hidden_states if dtype is None else hidden_states.to(dtype)
-        return module.dropout(RecomputedActivationMLP.apply(module.act, dtype, hidden_states, *parameters))
-    hidden_states = module.fc1(hidden_states)  # (B, N, ff_dim)
-    in_place = in_place_activation(module.act)
-    hidden_states = module.act(hidden_states) if in_place is None else in_place(hidden_states)
+        return module.dropout(RecomputedActivationMLP.apply(module.activate, dtype, hidden_states, *parameters))
+    hidden_states = module.fc1(hidden_states)  # (B, N, ff_dim), or (B, N, 2 ff_dim) gated
+    in_place = None if module.gated else in_place_activation(module.act)
+    hidden_states = module.activate(hidden_states) if in_place is None else in_place(hidden_states)
     return module.dropout(module.fc2(hidden_states))
 
 
@@ -281,7 +295,10 @@ def cross_attention(attention, plan: FastPlan, hidden_states, key, value, paddin
         if shared_query and key.positions.dim() == 2 and plan.own_kernels:
             return shared_query_attention(attention, hidden_states[0], key, as_tensor(attention, value), padding_mask)
     key, value = as_tensor(attention, key), as_tensor(attention, value)
-    query = split_heads(attention, attention.q_proj(hidden_states))  # (B, H, Lq, D)
+    if shared_query:  # one query for the batch, projected once
+        query = split_heads(attention, attention.q_proj(hidden_states[:1])).expand(key.shape[0], -1, -1, -1)
+    else:
+        query = split_heads(attention, attention.q_proj(hidden_states))  # (B, H, Lq, D)
     attn_output = attend(attention, plan, query, key, value, padding_mask)  # (B, Lq, H, D)
     return attention.o_proj(attn_output.flatten(2))  # (B, Lq, dim)
 
@@ -412,7 +429,7 @@ class RecomputedActivationMLP(torch.autograd.Function):
     """`fc2(act(fc1(x)))` that saves `x` and `fc1`'s output for backward and recomputes the activation there: autograd
     would also keep the activation's output, for `fc2`'s weight gradient, one more `(B, N, ff_dim)` tensor per layer
     (the largest the latent layers keep). The activation's gradient is autograd's own, through the module, so any
-    activation gets exactly its gradient. Under autocast (`dtype`: its dtype, `x` already cast) the products run in
+    activation (a gated one too: `act` is `PerceiverLiteMLP.activate`) gets exactly its gradient. Under autocast (`dtype`: its dtype, `x` already cast) the products run in
     that dtype as autocast's would; the parameters are cast again in backward rather than kept in two dtypes, and
     their gradients come back in their own dtype."""
 
@@ -421,7 +438,7 @@ class RecomputedActivationMLP(torch.autograd.Function):
         ctx.act, ctx.dtype = act, dtype
         with torch.autocast(hidden_states.device.type, enabled=False):
             cast_weight_1, cast_bias_1, cast_weight_2, cast_bias_2 = _cast(dtype, weight_1, bias_1, weight_2, bias_2)
-            pre_activation = nn.functional.linear(hidden_states, cast_weight_1, cast_bias_1)  # (B, N, ff_dim)
+            pre_activation = nn.functional.linear(hidden_states, cast_weight_1, cast_bias_1)  # (B, N, fc1 width)
             output = nn.functional.linear(act(pre_activation), cast_weight_2, cast_bias_2)  # (B, N, width)
         ctx.save_for_backward(hidden_states, pre_activation, weight_1, weight_2)
         return output

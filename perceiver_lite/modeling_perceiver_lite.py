@@ -32,7 +32,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
-from .fast_perceiver_lite import encode, fast_plan, perceiver_layer
+from .fast_perceiver_lite import decode, encode, fast_plan, perceiver_layer
 from .validation_perceiver_lite import check_grid, check_labels, check_mask, check_tensor, check_token_ids, is_tracing
 
 
@@ -270,7 +270,9 @@ class PerceiverLiteAttention(nn.Module):
 
 class PerceiverLiteMLP(nn.Module):
     """The feed-forward of a `"self"` (latent), `"cross"` (cross-attend) or `"decoder"` layer: `fc1`, activation,
-    `fc2`, dropout; hidden width `ff_dim` / `cross_ff_dim` / `decoder_dim * decoder_ff_dim_scale`."""
+    `fc2`, dropout; hidden width `ff_dim` / `cross_ff_dim` / `decoder_dim * decoder_ff_dim_scale`. With
+    `gated_feed_forward`, `fc1` gives twice the hidden width, values and gates, and the hidden units are
+    `values * act(gates)` (GEGLU for `hidden_act="gelu"`, SwiGLU for `"silu"`)."""
 
     def __init__(self, config: PerceiverLiteConfig, kind: str = "self"):
         super().__init__()
@@ -280,13 +282,21 @@ class PerceiverLiteMLP(nn.Module):
             ff_dim = config.cross_ff_dim or ff_dim
         elif kind == "decoder":
             ff_dim = int(width * config.decoder_ff_dim_scale)
-        self.fc1 = nn.Linear(width, ff_dim)
+        self.gated = config.gated_feed_forward
+        self.fc1 = nn.Linear(width, 2 * ff_dim if self.gated else ff_dim)
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(ff_dim, width)
         self.dropout = nn.Dropout(config.ff_dropout)
 
+    def activate(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The hidden units from `fc1`'s output: the activation, or values times the activated gates."""
+        if not self.gated:
+            return self.act(hidden_states)
+        values, gates = hidden_states.chunk(2, dim=-1)  # (..., ff_dim) each
+        return values * self.act(gates)
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(self.act(self.fc1(hidden_states))))
+        return self.dropout(self.fc2(self.activate(self.fc1(hidden_states))))
 
 
 class PerceiverLiteLayer(GradientCheckpointingLayer):
@@ -490,6 +500,7 @@ class PerceiverLiteDecoder(nn.Module):
         self.query_proj = None if learned else nn.Linear(config.num_position_features, config.decoder_width)
         joins_inputs = config.decoder_query_inputs and not self.fixed_queries
         self.input_proj = nn.Linear(config.data_shape[0], config.decoder_width) if joins_inputs else None
+        self.config = config  # read by `fast_plan`
         self.layer = PerceiverLiteLayer(config, self_attention=False, cross_attention=True, decoder=True)
 
     def output_queries(self, batch_size: int, spatial_shape=(), attention_mask=None, device=None) -> torch.Tensor:
@@ -514,7 +525,8 @@ class PerceiverLiteDecoder(nn.Module):
             data = inputs.flatten(2).transpose(1, 2).to(self.input_proj.weight.dtype)  # (B, M, C)
             queries = queries + self.input_proj(data)  # (B, M, decoder_dim)
         if not output_attentions:
-            return self.layer(queries, latents, **kwargs), None
+            plan = fast_plan(self, latents.device)
+            return (self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)), None
         weights = []
         handle = self.layer.cross_attention.register_forward_hook(lambda module, args, output: weights.append(output[1]))
         try:

@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import count_reference_attention
 from torch import nn
 
 from perceiver_lite import PerceiverLayer, PerceiverLiteConfig, PerceiverLiteModel
@@ -68,14 +69,6 @@ def assert_close_gradients(actual: dict, expected: dict, **tolerance):
         torch.testing.assert_close(actual[name] / scale, expected[name] / scale, **tolerance, msg=name)
 
 
-def count_reference_attention(monkeypatch) -> list:
-    """Calls of the reference `PerceiverLiteAttention.forward` from now on (the fast paths never call it). Patched on
-    the class, not hooked on the modules: a hook would itself make `fast_plan` step aside."""
-    calls, forward = [], PerceiverLiteAttention.forward
-    monkeypatch.setattr(PerceiverLiteAttention, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    return calls
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Fast paths against the reference
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,6 +125,7 @@ ENCODER_OPTIONS = {
     "input-projection": dict(input_projection_dim=5),
     "no-query-residual": dict(cross_attention_query_residual=False),
     "own-qk-widths": dict(qk_channels=16, v_channels=16, cross_qk_channels=8, cross_v_channels=8, cross_ff_dim=24),
+    "gated-feed-forward": dict(gated_feed_forward=True),
 }
 
 
@@ -712,13 +706,14 @@ def saved_for_backward(function, *args) -> list[torch.Size]:
     return output, shapes
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
-def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype):
+def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype, gated):
     """Under autograd the fast feed-forward gives the module's output and the gradients of its input and parameters,
-    and keeps one `(B, N, ff_dim)` tensor for backward where the module keeps two (the activation's input and
-    output)."""
-    mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act))
+    and keeps one `(B, N, fc1 width)` tensor for backward where the module keeps two or more (the activation's input
+    and output; gated, the gates and values too)."""
+    mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act, gated_feed_forward=gated))
     hidden_states = torch.randn(3, 5, model_tester.dim, requires_grad=True)
     cotangent = torch.randn(3, 5, model_tester.dim)
 
@@ -726,7 +721,7 @@ def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_ac
         with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             output, saved = saved_for_backward(function, hidden_states)
         grads = torch.autograd.grad(output, [hidden_states, *mlp.parameters()], cotangent.to(output.dtype))
-        return output, grads, [shape for shape in saved if shape.numel() == 3 * 5 * mlp.fc1.out_features]
+        return output, grads, [s for s in saved if s.numel() // s[-1] == 3 * 5 and s[-1] >= mlp.fc2.in_features]
 
     expected, expected_grads, expected_saved = run(mlp)
     output, grads, saved = run(functools.partial(fast.mlp, mlp))

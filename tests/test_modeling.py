@@ -17,7 +17,7 @@ from perceiver_lite import (
     PerceiverLiteForImageClassification,
     PerceiverLiteModel,
 )
-from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer
+from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer, PerceiverLiteMLP
 
 
 ATOL = 1e-5
@@ -436,6 +436,21 @@ def test_gradient_checkpointing(model_tester, enable, kwargs, masked):
         outputs_and_gradients(reference, inputs, mask), outputs_and_gradients(checkpointed, inputs, mask)
     )
     assert calls == ["mlp", "mlp"]  # the forward, then its recomputation
+
+
+@pytest.mark.parametrize("hidden_act, activation", [("gelu", torch.nn.functional.gelu), ("silu", torch.nn.functional.silu)])
+def test_gated_feed_forward_multiplies_values_by_activated_gates(model_tester, hidden_act, activation):
+    """`gated_feed_forward`: `fc1` gives `2 ff_dim` outputs, values then gates; the hidden units are
+    `values * act(gates)` (GEGLU, SwiGLU), `fc2` reads `ff_dim` of them."""
+    config = model_tester.get_config(gated_feed_forward=True, hidden_act=hidden_act, ff_dim=20)
+    mlp = PerceiverLiteMLP(config)
+    assert (mlp.fc1.out_features, mlp.fc2.in_features) == (40, 20)
+    x = torch.randn(2, 3, config.dim)
+    hidden = x @ mlp.fc1.weight.T + mlp.fc1.bias
+    expected = (hidden[..., :20] * activation(hidden[..., 20:])) @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
+    plain = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act, ff_dim=20))
+    assert (plain.fc1.out_features, plain.fc2.in_features) == (20, 20)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import PerceiverLiteModelTester, training_arguments
+from conftest import PerceiverLiteModelTester, count_reference_attention, training_arguments
 from datasets import Dataset
 from PIL import Image
 from safetensors.torch import save_file
@@ -615,6 +615,72 @@ def test_fast_paths_match_the_reference(kind):
     assert fast_plan(reference.perceiver, torch.device("cpu")) is None
     inputs = masked_inputs(kind)
     assert_same_outputs_and_gradients(outputs_and_gradients(fast, inputs), outputs_and_gradients(reference, inputs))
+
+
+DECODER_QUERIES = {
+    "fourier": {},
+    "learned": {"decoder_query_type": "learned"},
+    "query-inputs": {"decoder_query_inputs": True},
+    "post-norm-no-ff": {"pre_norm": False, "decoder_ff_dim_scale": 0, "decoder_query_residual": False},
+}
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("queries", DECODER_QUERIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_decoder_matches_the_reference(kind, queries, masked, autocast_dtype, monkeypatch):
+    """The decoder runs the fast paths too (no reference attention is called), with the reference's outputs and
+    gradients: queries shared by the batch (learned, or the Fourier positions of an unpadded input; normalised and
+    projected once), per-sample ones (padded Fourier positions, query inputs), post-norm, without a feed-forward."""
+    fields = DECODER_QUERIES[queries]
+    fast = make(kind, **fields).train()
+    reference = make(kind, tiny_config(kind, use_fast_paths=False, **fields), state_dict=fast.state_dict()).train()
+    inputs = masked_inputs(kind)
+    if not masked:
+        inputs.pop("attention_mask")
+    calls = count_reference_attention(monkeypatch)
+
+    def run(model):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return outputs_and_gradients(model, inputs)
+
+    fast_run = run(fast)
+    assert calls == []
+    reference_run = run(reference)
+    assert len(calls) == num_attention_calls(reference.config) + 1  # the encoder's, then the decoder's
+    if autocast_dtype is None:
+        assert_same_outputs_and_gradients(fast_run, reference_run)
+        return
+    # bfloat16: both runs round differently; each gradient within 5 % of its largest entry (post-norm gives some ~100)
+    torch.testing.assert_close(fast_run[0], reference_run[0], rtol=0.05, atol=0.1)
+    for name, expected in reference_run[2].items():
+        error = (fast_run[2][name] - expected).abs().max()
+        assert error <= 0.05 * expected.abs().max() + 1e-3, (name, error, expected.abs().max())
+
+
+def num_attention_calls(config) -> int:
+    """The encoder's attention calls in one forward: a cross-attention per cross-attending step, and its block's
+    self-attentions."""
+    return sum(config.cross_attends(i) + config.num_latent_transformers_in_layers[i] for i in config.layers_indice)
+
+
+@pytest.mark.parametrize("head", [PerceiverLiteForSequenceClassification, PerceiverLiteForImageClassification])
+def test_fast_decoder_pooling_matches_the_reference(head, monkeypatch):
+    """`classifier_pooling="decoder"`: the one learned query is shared by the batch; fast and reference agree."""
+    data_shape = TEXT_SHAPE if head is PerceiverLiteForSequenceClassification else (3, 8, 8)
+    config = tiny_config("dense", data_shape=data_shape, classifier_pooling="decoder")
+    fast = head(config).train()
+    reference = head(copy.deepcopy(config)).train()
+    reference.config.use_fast_paths = False
+    reference.load_state_dict(fast.state_dict())
+    inputs = {"input_ids": token_ids(3, 10)} if head is PerceiverLiteForSequenceClassification else {
+        "pixel_values": torch.randn(3, 3, 8, 8)}
+    inputs["labels"] = torch.randint(0, NUM_LABELS, (3,))
+    calls = count_reference_attention(monkeypatch)
+    fast_run = outputs_and_gradients(fast, inputs)
+    assert calls == []
+    assert_same_outputs_and_gradients(fast_run, outputs_and_gradients(reference, inputs))
 
 
 def _layer(model, block, index=None):
