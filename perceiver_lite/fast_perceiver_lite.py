@@ -162,7 +162,8 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
 
 def decode(decoder, plan: FastPlan, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """`PerceiverLiteDecoder`'s layer: its `queries` `(B, Q, decoder_dim)` attend to the final `latents`. Queries shared
-    by the batch (learned, or the positions of an unmasked grid: stride 0 along it) are normalised and projected once."""
+    by the batch (learned, or the positions of an unmasked grid: stride 0 along it) are normalised and projected
+    once."""
     key, value = project_inputs(decoder.layer.cross_attention, latents)
     shared_query = queries.shape[0] > 1 and queries.stride(0) == 0
     return run_layer(decoder.layer, plan, queries, key, value, None, shared_query)
@@ -207,12 +208,19 @@ def shared_norm(norm: nn.LayerNorm):
     return lambda hidden_states: norm(hidden_states[:1]).expand_as(hidden_states)
 
 
+RECOMPUTE_MIN_ELEMENTS = 1 << 19  # fc1 outputs from this size (2 MiB in float32) recompute their activation
+
+
 def mlp(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`PerceiverLiteMLP.forward`. Where autograd records it, `RecomputedActivationMLP` keeps one `(B, N, ff_dim)`
-    tensor for backward instead of two; without gradients the activation runs in place: one tensor less to allocate
+    """`PerceiverLiteMLP.forward`. Where autograd records it and `fc1`'s output has `RECOMPUTE_MIN_ELEMENTS` or more,
+    `RecomputedActivationMLP` keeps one such tensor for backward instead of two (below that the memory is small and
+    autograd's own path is the faster); without gradients the activation runs in place: one tensor less to allocate
     and write."""
     parameters = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (hidden_states, *parameters)):
+    recorded = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (hidden_states, *parameters))
+    if recorded and hidden_states.shape[:-1].numel() * module.fc1.out_features < RECOMPUTE_MIN_ELEMENTS:
+        return module(hidden_states)
+    if recorded:
         dtype = autocast_dtype(hidden_states.device)
         hidden_states = hidden_states if dtype is None else hidden_states.to(dtype)
         return module.dropout(RecomputedActivationMLP.apply(module.activate, dtype, hidden_states, *parameters))
@@ -303,19 +311,22 @@ def cross_attention(attention, plan: FastPlan, hidden_states, key, value, paddin
     return attention.o_proj(attn_output.flatten(2))  # (B, Lq, dim)
 
 
+KEPT_SCORES_BUDGET = 1 << 22  # the most scores a half-precision self-attention keeps for backward
+
+
 def attend(attention, plan: FastPlan, query, key, value, padding_mask) -> torch.Tensor:
     """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)`: the output `(B, Lq, H, D)`.
 
     With `plan.own_kernels` (the CPU, no attention dropout), plain batched matmuls beat torch's fused kernel in half
     precision, and in float32 where only the query needs a gradient (the fused kernel's backward computes all three).
-    A self-attention whose `(Lq, Lk)` probabilities fit `RecomputedAttention.SCORES_BUDGET` (8 MiB in half precision:
-    the latents' own, never the inputs') keeps them for backward (`kept_probabilities_attention_forward`); anything else
+    A self-attention whose `(Lq, Lk)` probabilities fit `KEPT_SCORES_BUDGET` (8 MiB in half precision: the latents'
+    own, never the inputs') keeps them for backward (`kept_probabilities_attention_forward`); anything else
     keeps nothing of that size (`RecomputedAttention`). Otherwise torch's fused kernels, as the reference's sdpa path.
     """
     half = query.dtype in (torch.bfloat16, torch.float16)
     only_query_gradient = query.requires_grad and not (key.requires_grad or value.requires_grad)
     if plan.own_kernels and half and not attention.is_cross_attention:
-        if query.shape[:-1].numel() * key.shape[-2] <= RecomputedAttention.SCORES_BUDGET:  # B * H * Lq * Lk
+        if query.shape[:-1].numel() * key.shape[-2] <= KEPT_SCORES_BUDGET:  # B * H * Lq * Lk
             return kept_probabilities_attention_forward(query * attention.scaling, key, value, padding_mask)
     if plan.own_kernels and (half or only_query_gradient):
         attn_output = RecomputedAttention.apply(query, key, value, padding_mask, attention.scaling)
@@ -389,7 +400,7 @@ class RecomputedAttention(torch.autograd.Function):
     keys and values need none. The softmax and its gradient stay in the inputs' dtype: torch's CPU kernels accumulate
     half precision in float32."""
 
-    SCORES_BUDGET = 1 << 22
+    SCORES_BUDGET = 1 << 21  # blocks of this many scores: large products, transients of a few MiB
 
     @staticmethod
     def forward(ctx, query, key, value, attention_mask, scaling):
@@ -429,9 +440,9 @@ class RecomputedActivationMLP(torch.autograd.Function):
     """`fc2(act(fc1(x)))` that saves `x` and `fc1`'s output for backward and recomputes the activation there: autograd
     would also keep the activation's output, for `fc2`'s weight gradient, one more `(B, N, ff_dim)` tensor per layer
     (the largest the latent layers keep). The activation's gradient is autograd's own, through the module, so any
-    activation (a gated one too: `act` is `PerceiverLiteMLP.activate`) gets exactly its gradient. Under autocast (`dtype`: its dtype, `x` already cast) the products run in
-    that dtype as autocast's would; the parameters are cast again in backward rather than kept in two dtypes, and
-    their gradients come back in their own dtype."""
+    activation (a gated one too: `act` is `PerceiverLiteMLP.activate`) gets exactly its gradient. Under autocast
+    (`dtype`: its dtype, `x` already cast) the products run in that dtype as autocast's would; the parameters are
+    cast again in backward rather than kept in two dtypes, and their gradients come back in their own dtype."""
 
     @staticmethod
     def forward(ctx, act, dtype, hidden_states, weight_1, bias_1, weight_2, bias_2):

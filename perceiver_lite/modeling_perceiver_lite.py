@@ -526,7 +526,8 @@ class PerceiverLiteDecoder(nn.Module):
             queries = queries + self.input_proj(data)  # (B, M, decoder_dim)
         if not output_attentions:
             plan = fast_plan(self, latents.device)
-            return (self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)), None
+            outputs = self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)
+            return outputs, None
         weights = []
         handle = self.layer.cross_attention.register_forward_hook(lambda module, args, output: weights.append(output[1]))
         try:
@@ -616,7 +617,8 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, PerceiverLiteModel):
-            init.trunc_normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+            std = self.config.latent_initializer_range or self.config.initializer_range
+            init.trunc_normal_(module.latents, mean=0.0, std=std)
             self._init_data_channel_gain(module)
         if isinstance(module, PerceiverLiteDecoder) and module.queries is not None:
             init.trunc_normal_(module.queries, mean=0.0, std=self.config.initializer_range)

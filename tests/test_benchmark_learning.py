@@ -73,3 +73,13 @@ def test_tiny_run_writes_the_table(benchmark, tmp_path):
 def test_unknown_model_is_refused(benchmark, tmp_path):
     with pytest.raises(SystemExit):
         benchmark.parse_arguments(["--models", "ours", "nonexistent"])
+
+
+@pytest.mark.parametrize("name", ["digits", "tokens"])
+def test_models_have_matched_parameter_counts(benchmark, name):
+    """Ours, ours with the recommended (gated) feed-forward and perceiver-pytorch within 2 % of each other's size."""
+    task = benchmark.load_task(name)
+    counts = {model: sum(p.numel() for p in build(task)[0].parameters()) for model, build in benchmark.MODELS.items()}
+    assert max(counts.values()) <= 1.02 * min(counts.values()), counts
+    recommended = benchmark.MODELS["ours (recommended)"](task)[0]
+    assert recommended.config.gated_feed_forward and recommended.config.latent_initializer_range == 0.25

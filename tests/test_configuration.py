@@ -210,6 +210,7 @@ INVALID = [
     (dict(frequency_base=0), "frequency_base", "resolution / 2"),
     (dict(layer_norm_eps=0), "layer_norm_eps", "positive"),
     (dict(initializer_range=-0.02), "initializer_range", ">= 0"),
+    (dict(latent_initializer_range=-0.25), "latent_initializer_range", ">= 0 or None"),
 ]
 
 

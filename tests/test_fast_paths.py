@@ -454,7 +454,7 @@ def test_recomputed_attention_computes_only_the_gradients_asked_for(monkeypatch)
 
 def test_half_precision_self_attention_keeps_probabilities_within_the_scores_budget(model_tester, monkeypatch):
     """Under bfloat16 autocast each latent self-attention keeps its `(latents x latents)` probabilities for backward
-    when they fit `RecomputedAttention.SCORES_BUDGET`, and recomputes them (keeping nothing of that size) when they do
+    when they fit `KEPT_SCORES_BUDGET`, and recomputes them (keeping nothing of that size) when they do
     not; the gradients are the same. In float32 the fused kernel keeps none."""
     config = model_tester.get_config(num_latent_tokens=12)  # (12 x 12) probabilities, (12 x 8) heads
     model = make_model(config).train()
@@ -470,7 +470,7 @@ def test_half_precision_self_attention_keeps_probabilities_within_the_scores_bud
     assert kept >= num_self_attentions  # the softmax saves its output (the product after it may save a view)
     assert kept_probabilities_and_gradients(autocast=False)[0] == 0
     budget = probabilities_shape[0] * probabilities_shape[1] * 143
-    monkeypatch.setattr(fast.RecomputedAttention, "SCORES_BUDGET", budget)
+    monkeypatch.setattr(fast, "KEPT_SCORES_BUDGET", budget)
     recomputed, recomputed_gradients = kept_probabilities_and_gradients(autocast=True)
     assert recomputed == 0
     for name, gradient in kept_gradients.items():
@@ -709,11 +709,12 @@ def saved_for_backward(function, *args) -> list[torch.Size]:
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
-def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype, gated):
+def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype, gated, monkeypatch):
     """Under autograd the fast feed-forward gives the module's output and the gradients of its input and parameters,
     and keeps one `(B, N, fc1 width)` tensor for backward where the module keeps two or more (the activation's input
-    and output; gated, the gates and values too)."""
+    and output; gated, the gates and values too); below `RECOMPUTE_MIN_ELEMENTS` the module itself runs."""
     mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act, gated_feed_forward=gated))
+    monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features)
     hidden_states = torch.randn(3, 5, model_tester.dim, requires_grad=True)
     cotangent = torch.randn(3, 5, model_tester.dim)
 
@@ -731,3 +732,5 @@ def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_ac
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, **(tolerance if autocast_dtype else dict(rtol=1e-5, atol=1e-6)))
     assert len(expected_saved) >= 2 and len(saved) == 1
+    monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features + 1)
+    assert len(run(functools.partial(fast.mlp, mlp))[2]) == len(expected_saved)  # a smaller output: the module runs

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import PerceiverLiteModelTester
 from safetensors import safe_open
 from transformers import AutoModel
@@ -241,6 +242,10 @@ def test_initialisation(model_tester):
             assert torch.all(module.bias == 0), name
         elif isinstance(module, torch.nn.LayerNorm) and not name.endswith("kv_norm"):  # kv_norm: its own test below
             assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    own_scale = PerceiverLiteModel(model_tester.get_config(num_latent_tokens=256, dim=64, initializer_range=0.05,
+                                                            latent_initializer_range=0.25))  # fmt: skip
+    assert abs(own_scale.latents.std().item() - 0.25) < 0.03
+    assert abs(own_scale.blocks[0].cross_layer.cross_attention.q_proj.weight.std().item() - 0.05) < 0.015
 
 
 @pytest.mark.parametrize(
@@ -438,7 +443,7 @@ def test_gradient_checkpointing(model_tester, enable, kwargs, masked):
     assert calls == ["mlp", "mlp"]  # the forward, then its recomputation
 
 
-@pytest.mark.parametrize("hidden_act, activation", [("gelu", torch.nn.functional.gelu), ("silu", torch.nn.functional.silu)])
+@pytest.mark.parametrize("hidden_act, activation", [("gelu", F.gelu), ("silu", F.silu)])
 def test_gated_feed_forward_multiplies_values_by_activated_gates(model_tester, hidden_act, activation):
     """`gated_feed_forward`: `fc1` gives `2 ff_dim` outputs, values then gates; the hidden units are
     `values * act(gates)` (GEGLU, SwiGLU), `fc2` reads `ff_dim` of them."""
