@@ -136,7 +136,9 @@ def test_fourier_features_correct_after_from_pretrained(model_tester, tmp_path):
     embeds = loaded.embeddings(inputs)
     reference = reference_position_features(config.data_shape[1:], config.resolutions, config.num_bands, None)
     torch.testing.assert_close(embeds[0, :, config.data_shape[0] :], reference, rtol=0, atol=1e-5)
-    torch.testing.assert_close(loaded(inputs).last_hidden_state, expected, rtol=0, atol=0)
+    # the same weights; matmul kernels may round differently on the memory-mapped (differently aligned) tensors
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(inputs).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -482,7 +484,8 @@ def test_save_and_load_give_identical_outputs(model_tester, tmp_path):
         assert restored.config.to_dict().keys() == model.config.to_dict().keys()
         for key, value in model.state_dict().items():
             torch.testing.assert_close(restored.state_dict()[key], value, rtol=0, atol=0)
-    torch.testing.assert_close(loaded(inputs, attention_mask=mask).last_hidden_state, expected, rtol=0, atol=0)
+    # matmul kernels may round differently on the memory-mapped (differently aligned) tensors
+    torch.testing.assert_close(loaded(inputs, attention_mask=mask).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(auto(inputs, attention_mask=mask).last_hidden_state, expected, rtol=0, atol=ATOL)
 
 

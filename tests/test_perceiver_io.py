@@ -798,12 +798,15 @@ def test_classifier_pooling_decoder(modality, tmp_path):
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
     # the logits are the dense layer on the decoder's output for the latents
     decoded = []
-    classifier.decoder.register_forward_hook(lambda module, args, output: decoded.append(output[0]))
+    hook = classifier.decoder.register_forward_hook(lambda module, args, output: decoded.append(output[0]))
     logits = model(**inputs).logits
     torch.testing.assert_close(logits, classifier.dense(decoded[0][:, 0]), rtol=0, atol=0)
+    hook.remove()  # a hook sends the model down the reference path; the loaded copy has none
     model.save_pretrained(tmp_path)
     loaded = head_class.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(loaded(**inputs).logits, logits, rtol=0, atol=0)
+    # the same weights; matmul kernels may round differently on the memory-mapped (differently aligned) tensors
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-6, atol=1e-6)
 
 
 def test_classifier_pooling_decoder_is_padding_invariant():
