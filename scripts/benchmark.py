@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # full run on the CPU, a few minutes
     python scripts/benchmark.py --quick         # smoke test: tiny sizes, seconds
     python scripts/benchmark.py --device cuda   # the same comparison on a GPU
+    python scripts/benchmark.py --device cuda --scenarios A --image-size 224 --batch-size 32   # a larger model input
 
 Every model gets the same inputs and labels and a matched size: the same latents, widths, depths, heads and Fourier
 bands, and feed-forward layers of the same size (perceiver-pytorch's fixed GEGLU with factor 4 equals a plain
@@ -485,8 +486,9 @@ SCENARIO_MODELS = {
 
 def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
     """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
-    jobs = [(name, setups[s], dtype) for s in "ABD" for dtype in ("float32", "bfloat16") for name in SCENARIO_MODELS[s]]
-    for image_size in image_sizes:
+    jobs = [(name, setups[s], dtype) for s in "ABD" if s in setups for dtype in ("float32", "bfloat16")
+            for name in SCENARIO_MODELS[s]]  # fmt: skip
+    for image_size in image_sizes if "C" in setups else ():
         setup = dataclasses.replace(setups["C"], image_size=image_size)
         jobs += [(name, setup, "float32") for name in SCENARIO_MODELS["C"]]
     return jobs
@@ -651,10 +653,13 @@ def report(results: dict) -> str:
         ("C", "Scenario C: growth with input size (float32 training step, batch {batch_size})"),
         ("D", "Scenario D: masked language modelling (Perceiver IO), {seq_len} byte tokens"),
     ):
+        if scenario not in results["setups"]:
+            continue
         setup = results["setups"][scenario]
         parts.append(f"\n### {title.format(**setup)}\n\nSetup: `{setup}`\n")
         parts.append(markdown_table([row for row in results["rows"] if row["scenario"] == scenario]))
-    parts.append("\nScenario C fitted growth exponents (time, memory) from the smallest to the largest input:\n")
+    if results["growth_exponents"]:
+        parts.append("\nScenario C fitted growth exponents (time, memory) from the smallest to the largest input:\n")
     for name, exponent in results["growth_exponents"].items():
         parts.append(f"- {name}: time {exponent['time']:.2f}, memory {exponent['memory']:.2f}")
     return "\n".join(parts) + "\n"
@@ -665,7 +670,9 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per training measurement (default 5, quick 1)")
-    parser.add_argument("--batch-size", type=int, default=None, help="scenario A and B batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None, help="scenario A, B and D batch (default 8)")
+    parser.add_argument("--image-size", type=int, default=None, help="scenario A and B image side (default 64)")
+    parser.add_argument("--scenarios", nargs="+", choices=list("ABCD"), default=list("ABCD"), help="default: all")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument(
         "--clock",
@@ -706,12 +713,15 @@ def main():
     if args.batch_size:
         base = dataclasses.replace(base, batch_size=args.batch_size)
         masked_lm = dataclasses.replace(masked_lm, batch_size=args.batch_size)
+    if args.image_size:
+        base = dataclasses.replace(base, image_size=args.image_size)
     setups = {
         "A": base,
         "B": dataclasses.replace(base, cross_attends=4),
         "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
         "D": masked_lm,
     }
+    setups = {name: setup for name, setup in setups.items() if name in args.scenarios}
 
     # minimum over many short products: the peak rate, robust to a passing slowdown of this shared machine; a GPU
     # needs larger ones (a 2048^3 bfloat16 product takes tens of microseconds there, as long as the synchronisation)
@@ -719,14 +729,16 @@ def main():
     rates = matmul_rates(args.device, repeats=SHORT_ROUNDS * max(repeats, 3), size=size)
     print(f"matmul GFLOP/s: {rates}", flush=True)
     memory = peak_memories(memory_jobs(setups, image_sizes), args.device)
-    rows = scenario_a(setups["A"], args.device, repeats, rates, memory)
-    print(markdown_table(rows), flush=True)
-    rows_b = scenario_b(setups["B"], args.device, repeats, memory)
-    print(markdown_table(rows_b), flush=True)
-    rows_c, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
-    print(markdown_table(rows_c), flush=True)
-    rows_d = scenario_a(setups["D"], args.device, repeats, rates, memory, scenario="D")
-    print(markdown_table(rows_d), flush=True)
+    rows, exponents = [], {}
+    for name in setups:
+        if name == "B":
+            scenario_rows = scenario_b(setups["B"], args.device, repeats, memory)
+        elif name == "C":
+            scenario_rows, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
+        else:
+            scenario_rows = scenario_a(setups[name], args.device, repeats, rates, memory, scenario=name)
+        print(markdown_table(scenario_rows), flush=True)
+        rows += scenario_rows
 
     import transformers
 
@@ -744,7 +756,7 @@ def main():
         },
         "setups": {name: dataclasses.asdict(setup) for name, setup in setups.items()},
         "matmul_gflops_per_s": rates,
-        "rows": rows + rows_b + rows_c + rows_d,
+        "rows": rows,
         "growth_exponents": exponents,
     }
     text = report(results)
