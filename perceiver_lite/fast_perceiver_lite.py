@@ -75,34 +75,39 @@ def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
     config = module.config
     if not config.use_fast_paths or config._attn_implementation != "sdpa" or is_tracing() or _recording_outputs():
         return None
-    if not _equal_head_widths(module) or _global_hooks() or not all(_plain(child) for child in module.modules()):
+    modules = list(module.modules())
+    if not _equal_head_widths(modules) or _global_hooks() or not all(_plain(child) for child in modules):
         return None
     dropout = module.training and config.attention_dropout > 0
     checkpointing = module.training and torch.is_grad_enabled() and any(
-        getattr(child, "gradient_checkpointing", False) for child in module.modules()
-    )
+        vars(child).get("gradient_checkpointing", False) for child in modules
+    )  # set on the instance by `gradient_checkpointing_enable`
     return FastPlan(own_kernels=device.type == "cpu" and not dropout, checkpointing=checkpointing)
 
 
-def _equal_head_widths(module: nn.Module) -> bool:
-    """Whether every attention of `module` has equal query/key and value head widths: the fast paths split, fuse and
-    factor keys and values with one head size."""
-    return all(child.head_dim == child.v_head_dim for child in module.modules() if hasattr(child, "v_head_dim"))
+# The checks below run on every module at every forward: they read the modules' own dictionaries (`vars`,
+# `_modules`, `_parameters`) rather than `getattr`, whose misses go through `nn.Module.__getattr__`'s exception.
+
+
+def _equal_head_widths(modules: list[nn.Module]) -> bool:
+    """Whether every attention among `modules` has equal query/key and value head widths: the fast paths split, fuse
+    and factor keys and values with one head size."""
+    return all(vars(child)["head_dim"] == vars(child)["v_head_dim"] for child in modules if "v_head_dim" in vars(child))
 
 
 def _plain(module: nn.Module) -> bool:
     """Whether the fast paths may read `module`'s weights instead of calling it: its projections and norms are plain
     `nn.Linear` / `nn.LayerNorm` with the weight and bias the model builds (not removed or replaced by `None`), its
     own parameters plain and with values, and no hook watches it."""
-    children = [(getattr(module, name, None), nn.Linear) for name in PROJECTIONS]
-    children += [(getattr(module, name, None), nn.LayerNorm) for name in NORMS]
-    for child, plain in children:
-        if child is not None and (type(child) is not plain or child.weight is None or child.bias is None):
-            return False
-    if any(type(p) is not nn.Parameter or p.device.type == "meta" for p in module.parameters(recurse=False)):
+    children = module._modules
+    for names, plain in ((PROJECTIONS, nn.Linear), (NORMS, nn.LayerNorm)):
+        for child in (children.get(name) for name in names):
+            if child is not None and (type(child) is not plain or child.weight is None or child.bias is None):
+                return False
+    if any(p is not None and (type(p) is not nn.Parameter or p.device.type == "meta") for p in module._parameters.values()):
         return False
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    watched = module._backward_hooks or module._backward_pre_hooks or hasattr(module, "_hf_hook")
+    watched = module._backward_hooks or module._backward_pre_hooks or "_hf_hook" in vars(module)
     return not watched and all(getattr(hook, "__module__", None) == output_capturing.__name__ for hook in hooks)
 
 
