@@ -515,15 +515,20 @@ class PerceiverLiteDecoder(nn.Module):
             queries = self.query_proj(positions)  # (M, decoder_dim) or (B, M, decoder_dim)
         return queries.expand(batch_size, *queries.shape[-2:])  # (B, Q, decoder_dim)
 
-    def forward(self, latents, inputs=None, attention_mask=None, output_attentions: bool = False, **kwargs):
+    def forward(
+        self, latents, inputs=None, attention_mask=None, output_attentions: bool = False, query_index=None, **kwargs
+    ):
         """`(outputs (B, Q, decoder_dim), attention weights (B, H, Q, N) or None)` for the channel-first `inputs`
         `(B, C, *axes)` of one output each (none for fixed queries); the weights where `output_attentions` (eager
-        attention; sdpa returns none, as in transformers)."""
+        attention; sdpa returns none, as in transformers). `query_index` `(B, K)`: decode only these flattened
+        positions of each sample (`sparse_prediction`), `(B, K, decoder_dim)`."""
         spatial_shape = () if inputs is None else inputs.shape[2:]
         queries = self.output_queries(latents.shape[0], spatial_shape, attention_mask, latents.device)
         if self.input_proj is not None:
             data = inputs.flatten(2).transpose(1, 2).to(self.input_proj.weight.dtype)  # (B, M, C)
             queries = queries + self.input_proj(data)  # (B, M, decoder_dim)
+        if query_index is not None:  # each query sees only the latents: the others' absence changes nothing
+            queries = queries.gather(1, query_index[..., None].expand(-1, -1, queries.shape[-1]))  # (B, K, decoder_dim)
         if not output_attentions:
             plan = fast_plan(self, latents.device)
             outputs = self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)
@@ -851,14 +856,33 @@ class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
         self._build_base(config, one_dimensional)
         self.decoder = PerceiverLiteDecoder(config)
 
-    def _decode(self, inputs, attention_mask, logits_head, loss_function, **kwargs) -> PerceiverLiteDecoderOutput:
+    def _sparse_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The token heads' `(labels, labelled)`: with `config.sparse_prediction` the labelled ones `(num_labelled,)`
+        and where they are `(B, T)`, else the labels as given and None."""
+        if not self.config.sparse_prediction:
+            return labels, None
+        labelled = labels != -100
+        return labels[labelled], labelled
+
+    def _decode(
+        self, inputs, attention_mask, logits_head, loss_function, labelled=None, **kwargs
+    ) -> PerceiverLiteDecoderOutput:
         """Encode `inputs` `(B, C, *axes)`, decode one output per element, `logits_head` them, and `loss_function`
-        (None without labels) the logits."""
+        (None without labels) the logits. `labelled` `(B, M)`: decode only these elements (`sparse_prediction`), the
+        logits `(num_labelled, ...)` in row-major order."""
         output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
+        if labelled is not None and output_attentions:
+            raise ValueError(
+                "output_attentions=True needs every position decoded; with sparse_prediction=True and labels the "
+                "decoder skips the unlabelled ones: pass no labels, or set config.sparse_prediction=False"
+            )
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
+        query_index = None if labelled is None else labelled_positions(labelled)  # (B, K), labelled ones first
         decoded, weights = self.decoder(
-            outputs.last_hidden_state, inputs, attention_mask, output_attentions=bool(output_attentions)
-        )  # (B, M, decoder_dim)
+            outputs.last_hidden_state, inputs, attention_mask, bool(output_attentions), query_index
+        )  # (B, M, decoder_dim), or (B, K, decoder_dim)
+        if labelled is not None:  # the labelled rows, in row-major order
+            decoded = decoded[torch.arange(query_index.shape[1], device=decoded.device) < labelled.sum(1, keepdim=True)]
         logits = logits_head(decoded)
         cross_attentions = outputs.cross_attentions
         if weights is not None:
@@ -870,6 +894,13 @@ class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
             attentions=outputs.attentions,
             cross_attentions=cross_attentions,
         )
+
+
+def labelled_positions(labelled: torch.Tensor) -> torch.Tensor:
+    """The positions `(B, K)` of each sample's True entries of `labelled` `(B, M)`, ascending, first; the rest of the
+    `K` columns (the largest count) padded with other positions."""
+    count = max(int(labelled.sum(1).max()), 1)  # one column at least: attention over no queries is not defined
+    return torch.argsort((~labelled).to(torch.uint8), dim=1, stable=True)[:, :count]  # (B, K)
 
 
 class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
@@ -1020,12 +1051,13 @@ class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteEleme
         """
         batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
         vocab_size = self.config.vocab_size
-        loss_function = None
+        loss_function = labelled = None
         if labels is not None:
             check_labels(labels, batch_size, vocab_size, "single_label_classification", (length,))
+            labels, labelled = self._sparse_labels(labels)
             loss_function = lambda logits: self.loss_function(logits, labels, vocab_size=vocab_size)  # noqa: E731
         inputs = self._token_data(input_ids, inputs_embeds)
-        return self._decode(inputs, attention_mask, self.lm_head, loss_function, **kwargs)
+        return self._decode(inputs, attention_mask, self.lm_head, loss_function, labelled, **kwargs)
 
 
 class PerceiverLiteForTokenClassification(
@@ -1063,12 +1095,13 @@ class PerceiverLiteForTokenClassification(
             of `input_ids`.
         """
         batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
-        loss_function = None
+        loss_function = labelled = None
         if labels is not None:
             check_labels(labels, batch_size, self.config.num_labels, "single_label_classification", (length,))
+            labels, labelled = self._sparse_labels(labels)
             loss_function = lambda logits: self.loss_function(logits, labels, self.config)  # noqa: E731
         inputs = self._token_data(input_ids, inputs_embeds)
-        return self._decode(inputs, attention_mask, self.classifier, loss_function, **kwargs)
+        return self._decode(inputs, attention_mask, self.classifier, loss_function, labelled, **kwargs)
 
 
 class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):

@@ -22,6 +22,8 @@ short measurements (inference, and the matmul products that give this machine's 
   (`PerceiverLiteForMaskedLM` in transformers' layout: learned positions added to the token embedding, one
   cross-attend, learned position queries) against transformers' `PerceiverForMaskedLM` and perceiver-pytorch's
   `PerceiverLM` at the same widths, in float32 and bfloat16: inference and training-step throughput, peak memory.
+  "ours (sparse prediction)" is the same model with `sparse_prediction=True`: its training step decodes only the
+  masked tokens (the same loss), its inference every token, as "ours".
 
 Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
 allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
@@ -65,6 +67,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 NUM_LABELS = 10
 PEERS = ("transformers", "perceiver-pytorch")
+DTYPES = ["float32", "bfloat16"]  # `--dtypes` narrows them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,8 +271,16 @@ def build_perceiver_pytorch_masked_lm(setup: MaskedLMSetup):
     return model, model
 
 
+def build_ours_masked_lm_sparse(setup: MaskedLMSetup):
+    """`build_ours_masked_lm` with `sparse_prediction`, and its training loss from `labels` (decoded where masked)."""
+    model, logits = build_ours_masked_lm(setup)
+    model.config.sparse_prediction = True
+    return model, logits, lambda inputs, labels: model(inputs, labels=labels).loss
+
+
 MASKED_LM_BUILDERS = {
     "ours": build_ours_masked_lm,
+    "ours (sparse prediction)": build_ours_masked_lm_sparse,
     "transformers": build_transformers_masked_lm,
     "perceiver-pytorch": build_perceiver_pytorch_masked_lm,
 }
@@ -300,8 +311,8 @@ class Runner:
     def __init__(self, name: str, setup: Setup, device: str, dtype: str, seed: int = 0):
         torch.manual_seed(seed)
         self.name, self.setup, self.device = name, setup, device
-        model, self.logits = builder(name, setup)(setup)
-        self.model = model.to(device)
+        model, self.logits, *own_loss = builder(name, setup)(setup)  # a builder may add the loss from (inputs, labels)
+        self.model, self.own_loss = model.to(device), own_loss[0] if own_loss else None
         inputs, labels = setup.batch(torch.Generator().manual_seed(seed))
         self.inputs, self.labels = inputs.to(device), labels.to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
@@ -319,6 +330,8 @@ class Runner:
     def loss(self):
         self.model.train()
         with self.autocast:
+            if self.own_loss is not None:
+                return self.own_loss(self.inputs, self.labels)
             return self.setup.loss(self.logits(self.inputs), self.labels)
 
     def train_step(self):
@@ -399,12 +412,9 @@ def interleaved_minimum(functions: dict, device: str, repeats: int, warmup: int 
 
 
 def matmul_rates(device: str, repeats: int, size: int) -> dict:
-    """This machine's sustained matmul rate (GFLOP/s) in float32 and bfloat16, square `size` matrices."""
-    operands = {
-        dtype: (torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype))
-        for dtype in (torch.float32, torch.bfloat16)
-    }
-    functions = {str(dtype).removeprefix("torch."): (lambda a=a, b=b: a @ b) for dtype, (a, b) in operands.items()}
+    """This machine's sustained matmul rate (GFLOP/s) in each of `DTYPES`, square `size` matrices."""
+    operands = {name: [torch.randn(size, size, device=device, dtype=getattr(torch, name)) for _ in "ab"] for name in DTYPES}
+    functions = {name: (lambda a=a, b=b: a @ b) for name, (a, b) in operands.items()}
     times = interleaved_minimum(functions, device, repeats, warmup=2)
     return {name: 2 * size**3 / t / 1e9 for name, t in times.items()}
 
@@ -480,13 +490,14 @@ SCENARIO_MODELS = {
     "A": ["ours", "ours (eager)", "ours (checkpointing)", "transformers", "perceiver-pytorch"],
     "B": ["ours", "perceiver-pytorch"],
     "C": ["ours", "transformers", "perceiver-pytorch"],
-    "D": ["ours", "transformers", "perceiver-pytorch"],
+    "D": ["ours", "ours (sparse prediction)", "transformers", "perceiver-pytorch"],
 }
+TRAINING_ONLY = ("ours (checkpointing)", "ours (sparse prediction)")  # inference as "ours"
 
 
 def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
     """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
-    jobs = [(name, setups[s], dtype) for s in "ABD" if s in setups for dtype in ("float32", "bfloat16")
+    jobs = [(name, setups[s], dtype) for s in "ABD" if s in setups for dtype in DTYPES
             for name in SCENARIO_MODELS[s]]  # fmt: skip
     for image_size in image_sizes if "C" in setups else ():
         setup = dataclasses.replace(setups["C"], image_size=image_size)
@@ -498,10 +509,10 @@ def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dic
     """Inference and training throughput, achieved FLOP rate and peak memory of scenario A's models (or D's)."""
     names = SCENARIO_MODELS[scenario]
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in DTYPES:
         runners = {name: Runner(name, setup, device, dtype) for name in names}
         flops = {name: runners[name].flops() for name in names}
-        inferring = {n: r.infer for n, r in runners.items() if n != "ours (checkpointing)"}
+        inferring = {n: r.infer for n, r in runners.items() if n not in TRAINING_ONLY}
         inference = interleaved_minimum(inferring, device, SHORT_ROUNDS * repeats)
         training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
         del runners
@@ -533,7 +544,7 @@ def training_step_times(names: list[str], setup: Setup, device: str, dtype: str,
 def scenario_b(setup: Setup, device: str, repeats: int, memory: dict) -> list[dict]:
     names = SCENARIO_MODELS["B"]
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in DTYPES:
         training = training_step_times(names, setup, device, dtype, repeats)
         for name in names:
             rows.append(
@@ -584,7 +595,7 @@ _PARAMETER_COUNTS = {}
 def _parameters(name: str, setup: Setup) -> int:
     key = (name.split(" (")[0], setup)
     if key not in _PARAMETER_COUNTS:
-        model, _ = builder(key[0], setup)(setup)
+        model = builder(key[0], setup)(setup)[0]
         _PARAMETER_COUNTS[key] = sum(p.numel() for p in model.parameters())
     return _PARAMETER_COUNTS[key]
 
@@ -645,7 +656,7 @@ def report(results: dict) -> str:
         f"{environment.get('large_allocations', 'default')} large allocations, "
         f"torch {environment['torch']}, "
         f"transformers {environment['transformers']}; {environment['date']}",
-        f"Matmul rate: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s",
+        "Matmul rate: " + ", ".join(f"{dtype} {rate:.0f} GFLOP/s" for dtype, rate in rates.items()),
     ]
     for scenario, title in (
         ("A", "Scenario A: one cross-attend, {self_attends} latent self-attention layers"),
@@ -673,6 +684,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="scenario A, B and D batch (default 8)")
     parser.add_argument("--image-size", type=int, default=None, help="scenario A and B image side (default 64)")
     parser.add_argument("--scenarios", nargs="+", choices=list("ABCD"), default=list("ABCD"), help="default: all")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES, help="scenarios A, B, D (default: both)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument(
         "--clock",
@@ -690,6 +702,7 @@ def main():
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    DTYPES[:] = args.dtypes
     if args.clock == "cpu":
         if args.device == "cuda":
             parser.error("--clock cpu measures CPU time: use the wall clock on a GPU")

@@ -1131,3 +1131,56 @@ def test_token_heads_take_inputs_embeds(kind):
     expected = model(input_ids, attention_mask=mask).logits
     outputs = model(inputs_embeds=model.get_input_embeddings()(input_ids), attention_mask=mask)
     torch.testing.assert_close(outputs.logits, expected, rtol=0, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sparse_prediction: only the labelled positions decoded
+# ---------------------------------------------------------------------------------------------------------------------
+
+SPARSE_CASES = {
+    "fourier": {},
+    "learned": {"decoder_query_type": "learned"},
+    "query-inputs": {"decoder_query_inputs": True},
+    "reference": {"use_fast_paths": False},
+}
+
+
+@pytest.mark.parametrize("case", SPARSE_CASES)
+@pytest.mark.parametrize("kind", ["mlm", "token"])
+def test_sparse_prediction_gives_the_labelled_rows_loss_and_gradients_of_the_dense_model(kind, case):
+    """Decoding only the labelled positions: the logits are the dense model's rows at `labels != -100`, in that order,
+    the loss and every parameter's gradient are the dense model's. Sample 2 has no label at all, the others different
+    counts."""
+    dense = make(kind, **SPARSE_CASES[case])
+    sparse = make(kind, config=dense.config, state_dict=dense.state_dict())
+    sparse.config.sparse_prediction = True
+    inputs = masked_inputs(kind, batch_size=4)
+    inputs["labels"][2] = -100
+    labelled = inputs["labels"] != -100
+    assert len(set(labelled.sum(1).tolist())) > 2  # the padded columns of the gathered queries are exercised
+    dense_logits, dense_loss, dense_grads = outputs_and_gradients(dense, inputs)
+    sparse_logits, sparse_loss, sparse_grads = outputs_and_gradients(sparse, inputs)
+    assert sparse_logits.shape == (int(labelled.sum()), dense_logits.shape[-1])
+    torch.testing.assert_close(sparse_logits, dense_logits[labelled], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-6)
+    assert sparse_grads.keys() == dense_grads.keys()
+    for name, gradient in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["mlm", "token"])
+def test_sparse_prediction_decodes_every_position_without_labels(kind):
+    dense = make(kind)
+    sparse = make(kind, config=dense.config, state_dict=dense.state_dict())
+    sparse.config.sparse_prediction = True
+    inputs = masked_inputs(kind)
+    labels = inputs.pop("labels")
+    logits = sparse(**inputs).logits
+    assert logits.shape[:2] == labels.shape
+    torch.testing.assert_close(logits, dense(**inputs).logits, rtol=0, atol=0)
+
+
+def test_sparse_prediction_with_output_attentions_is_an_error():
+    model = make("mlm", attn_implementation="eager", sparse_prediction=True)
+    with pytest.raises(ValueError, match="output_attentions=True needs every position decoded"):
+        model(**masked_inputs("mlm"), output_attentions=True)
