@@ -524,11 +524,11 @@ class PerceiverLiteDecoder(nn.Module):
         positions of each sample (`sparse_prediction`), `(B, K, decoder_dim)`."""
         spatial_shape = () if inputs is None else inputs.shape[2:]
         queries = self.output_queries(latents.shape[0], spatial_shape, attention_mask, latents.device)
+        # each query sees only the latents: leaving the others out (`query_index`) changes nothing of its output
+        queries = gather_rows(queries, query_index)  # (B, M or K, decoder_dim)
         if self.input_proj is not None:
-            data = inputs.flatten(2).transpose(1, 2).to(self.input_proj.weight.dtype)  # (B, M, C)
-            queries = queries + self.input_proj(data)  # (B, M, decoder_dim)
-        if query_index is not None:  # each query sees only the latents: the others' absence changes nothing
-            queries = queries.gather(1, query_index[..., None].expand(-1, -1, queries.shape[-1]))  # (B, K, decoder_dim)
+            data = gather_rows(inputs.flatten(2).transpose(1, 2), query_index)  # (B, M or K, C)
+            queries = queries + self.input_proj(data.to(self.input_proj.weight.dtype))  # (B, M or K, decoder_dim)
         if not output_attentions:
             plan = fast_plan(self, latents.device)
             outputs = self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)
@@ -877,12 +877,12 @@ class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
                 "decoder skips the unlabelled ones: pass no labels, or set config.sparse_prediction=False"
             )
         outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
-        query_index = None if labelled is None else labelled_positions(labelled)  # (B, K), labelled ones first
+        query_index, valid = (None, None) if labelled is None else labelled_positions(labelled)  # (B, K) each
         decoded, weights = self.decoder(
             outputs.last_hidden_state, inputs, attention_mask, bool(output_attentions), query_index
         )  # (B, M, decoder_dim), or (B, K, decoder_dim)
-        if labelled is not None:  # the labelled rows, in row-major order
-            decoded = decoded[torch.arange(query_index.shape[1], device=decoded.device) < labelled.sum(1, keepdim=True)]
+        if labelled is not None:
+            decoded = decoded[valid]  # (num_labelled, decoder_dim), the labelled rows in row-major order
         logits = logits_head(decoded)
         cross_attentions = outputs.cross_attentions
         if weights is not None:
@@ -896,11 +896,20 @@ class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
         )
 
 
-def labelled_positions(labelled: torch.Tensor) -> torch.Tensor:
-    """The positions `(B, K)` of each sample's True entries of `labelled` `(B, M)`, ascending, first; the rest of the
-    `K` columns (the largest count) padded with other positions."""
-    count = max(int(labelled.sum(1).max()), 1)  # one column at least: attention over no queries is not defined
-    return torch.argsort((~labelled).to(torch.uint8), dim=1, stable=True)[:, :count]  # (B, K)
+def labelled_positions(labelled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(index, valid)`, both `(B, K)` with `K` the largest count of True entries of `labelled` `(B, M)` in a sample:
+    each sample's labelled positions, ascending, first, the rest of its columns other positions (`valid` False)."""
+    counts = labelled.sum(1, keepdim=True)  # (B, 1)
+    width = max(int(counts.max()), 1)  # one column at least: attention over no queries is not defined
+    index = torch.argsort((~labelled).to(torch.uint8), dim=1, stable=True)[:, :width]  # (B, K)
+    return index, torch.arange(width, device=labelled.device) < counts
+
+
+def gather_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """`rows` `(B, M, D)` at `index` `(B, K)`: `(B, K, D)`; all of them where `index` is None."""
+    if index is None:
+        return rows
+    return rows.gather(1, index[..., None].expand(-1, -1, rows.shape[-1]))
 
 
 class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
