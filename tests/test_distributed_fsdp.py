@@ -1,6 +1,7 @@
 """Sharded training (FSDP) on the CPU: torch's `fully_shard` over two gloo processes trains to the weights one process
-reaches, and what transformers' `Trainer` (through accelerate's FSDP plugin) does when asked for FSDP there: it trains
-data-parallel, unsharded, and `PerceiverLiteTrainer` warns.
+reaches, and what transformers' `Trainer` (through accelerate's FSDP plugin) does when asked for FSDP there: with FSDP2
+it trains data-parallel, unsharded, and `PerceiverLiteTrainer` warns; with `accelerate launch --use_fsdp`'s FSDP1
+defaults accelerate stops with an error.
 
 The test launches this file with `torchrun --standalone --nproc_per_node 2 tests/test_distributed_fsdp.py OUT`: each
 process trains its half of every batch (`main` below) and the first saves the result; the test then trains the same
@@ -10,6 +11,7 @@ model on the whole batches in one process and compares.
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -212,23 +214,47 @@ def test_trainer_asked_for_fsdp_on_the_cpu_trains_data_parallel_and_warns(two_pr
     assert len(trainer["warnings"]) == 1 and "fully_shard" in trainer["warnings"][0], trainer["warnings"]
 
 
-def test_trainer_asked_for_fsdp_in_one_process(monkeypatch, tmp_path):
-    """`fsdp=True` in one process is transformers' error; `accelerate launch --use_fsdp` (its environment variable)
-    with one process trains unsharded, and `PerceiverLiteTrainer` warns, as it does not without FSDP."""
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # restored after the test: accelerate sets it to "true"
+@pytest.fixture
+def fsdp_environment():
+    """No FSDP settings in the environment during the test, and the environment as it was after it: accelerate's FSDP
+    plugin writes its settings there (`ACCELERATE_USE_FSDP`, `FSDP_...`), where later Trainers would read them."""
+    saved = dict(os.environ)
+    for name in [name for name in os.environ if name == "ACCELERATE_USE_FSDP" or name.startswith("FSDP_")]:
+        del os.environ[name]
+    yield os.environ
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_trainer_asked_for_fsdp_in_one_process(fsdp_environment, tmp_path):
+    """`fsdp=True` in one process is transformers' error; `accelerate launch --use_fsdp --fsdp_version 2` (its
+    environment variable) with one process trains unsharded, and `PerceiverLiteTrainer` warns, as it does not without
+    FSDP."""
     args = TrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, report_to="none")
     with pytest.raises(ValueError, match="Using fsdp only works in distributed training"):
         PerceiverLiteTrainer(model=tiny_model(), args=args)
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")  # the FSDP plugin above set it to "true"
+    fsdp_environment["ACCELERATE_USE_FSDP"] = "false"  # the FSDP plugin above set it to "true"
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=TRAINER_WARNING)
         PerceiverLiteTrainer(model=tiny_model(), args=args)
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    fsdp_environment.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
     with pytest.warns(UserWarning, match=f"{TRAINER_WARNING} DistributedType.NO"):
         trainer = PerceiverLiteTrainer(model=tiny_model(), args=args)
     assert not trainer.is_fsdp_enabled
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="accelerate refuses this only without an accelerator")
+def test_accelerate_launch_use_fsdp_defaults_stop_on_the_cpu(fsdp_environment, tmp_path):
+    """`accelerate launch --use_fsdp` asks for FSDP1 with `sync_module_states` by default (these environment variables),
+    which accelerate refuses without an accelerator, before any training. `--fsdp_version 2` builds the FSDP2 plugin
+    that `fsdp=True` builds (the tests above)."""
+    fsdp_environment.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="1", FSDP_SYNC_MODULE_STATES="true")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    refused = "FSDP parameter initialization with `sync_module_states=True` is not supported on cpu."
+    with pytest.raises(RuntimeError, match=re.escape(refused)):
+        PerceiverLiteTrainer(model=tiny_model(), args=args)
 
 
 if __name__ == "__main__":
