@@ -313,13 +313,16 @@ def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, quer
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *parameters])
     if dtype not in DTYPES:
         return None
-    input_elements = len(inputs) * (math.prod(inputs.shape[2:]) if "blocks" in module._modules and not embedded else inputs.shape[1])
+    grid_inputs = "blocks" in module._modules and not embedded  # (B, C, *axes)
+    input_elements = len(inputs) * (math.prod(inputs.shape[2:]) if grid_inputs else inputs.shape[1])
     if device.type == "cuda" and not faster_on_cuda(module, dtype, needs_grad, input_elements):
         return None
     if len(checkpointing) > 1:  # some layers only: not a state the fast paths were proven in
         return None
     checkpointing = module.training and torch.is_grad_enabled() and checkpointing == {True}
-    routes = _Routes(module, device.type in OWN_KERNEL_DEVICES, dtype != torch.float32, needs_grad, checkpointing)
+    dropout = module.training and config.attention_dropout > 0  # drawn by torch's kernels, as in the reference
+    own_kernels = device.type in OWN_KERNEL_DEVICES and not dropout
+    routes = _Routes(module, own_kernels, dtype != torch.float32, needs_grad, checkpointing)
     if "blocks" in module._modules:
         return routes.encoder(inputs, attention_mask, embedded, autocast)
     if "layers" in module._modules:
@@ -334,7 +337,8 @@ KEPT_SCORES_BUDGET = 1 << 22  # the most scores a half-precision self-attention 
 @dataclasses.dataclass
 class _Routes:
     """The routes of each kind of layer, for `fast_plan`: `own_kernels` (the matmul kernels may replace torch's fused
-    ones), `half` (products in half precision), `needs_grad` (autograd records the forward), `checkpointing`."""
+    ones: on the CPU, without attention dropout), `half` (products in half precision), `needs_grad` (autograd records
+    the forward), `checkpointing`."""
 
     module: nn.Module
     own_kernels: bool
@@ -347,9 +351,8 @@ class _Routes:
         `KEPT_SCORES_BUDGET` (8 MiB: the latents' own, never the inputs'), kept probabilities; in half precision
         (bfloat16 / float16 matmuls run on the CPU's matrix instructions, the fused kernel's blocks do not), or where
         only the query needs a gradient (the fused kernel's backward computes all three), `RecomputedAttention`.
-        Otherwise, and with attention dropout in training, torch's fused kernels."""
-        dropout = attention.training and attention.attention_dropout > 0
-        if not self.own_kernels or dropout:
+        Otherwise torch's fused kernels."""
+        if not self.own_kernels:
             return Kernel.SDPA
         if self.half and not attention.is_cross_attention and scores <= KEPT_SCORES_BUDGET:
             return Kernel.KEPT
@@ -679,7 +682,8 @@ class RecomputedAttention(torch.autograd.Function):
     blocks do not), at the price of one extra `Q K^T` product in the backward pass. Its backward computes only the
     gradients asked for (the fused kernel's computes all three), which makes it the faster one in float32 too where the
     keys and values need none. The softmax and its gradient stay in the inputs' dtype: torch's CPU kernels accumulate
-    half precision in float32."""
+    half precision in float32. Where it pays in float32: `benchmarks/autograd-functions-cpu.md`, row "query-only
+    attention"."""
 
     SCORES_BUDGET = 1 << 21  # blocks of this many scores: large products, transients of a few MiB
 
@@ -723,7 +727,8 @@ class RecomputedActivationMLP(torch.autograd.Function):
     (the largest the latent layers keep). The activation's gradient is autograd's own, through the module, so any
     activation (a gated one too: `act` is `PerceiverLiteMLP.activate`) gets exactly its gradient. Under autocast
     (`dtype`: its dtype, `x` already cast) the products run in that dtype as autocast's would; the parameters are
-    cast again in backward rather than kept in two dtypes, and their gradients come back in their own dtype."""
+    cast again in backward rather than kept in two dtypes, and their gradients come back in their own dtype. Where it
+    pays (memory, at the module's speed): `benchmarks/autograd-functions-cpu.md`, row "feed-forward"."""
 
     @staticmethod
     def forward(ctx, act, dtype, hidden_states, weight_1, bias_1, weight_2, bias_2):
@@ -804,7 +809,8 @@ class SharedQueryAttention(torch.autograd.Function):
 
     Inputs: `query_data` `(H, N, C + 1)` and `query_positions` `(H, N, F)`, the scaled query times `W_x` and `W_p`;
     `data` `(B, M, C + 1)`, `positions` `(M, F)`, `rstd` `(B, M)` and `key_bias`; `value` `(B, H, M, Dv)`; a key padding
-    `attention_mask` `(B, 1, 1, M)` or None. Output `(B, H, N, Dv)`.
+    `attention_mask` `(B, 1, 1, M)` or None. Output `(B, H, N, Dv)`. Where it pays:
+    `benchmarks/autograd-functions-cpu.md`, row "shared-query cross-attend".
     """
 
     @staticmethod

@@ -3,8 +3,8 @@ transformers model.
 
 This file is the reference model, the paper's math step by step through transformers' attention interface (`eager` or
 `sdpa`). The fast paths in `fast_perceiver_lite.py` are exact rewrites of it that read the same weights; one decision
-per forward (`fast_plan`) runs them where they are exact, and this file's modules otherwise (PEFT adapters, wrapped or
-quantised modules, hooks, export and tracing, `config.use_fast_paths=False` or `attn_implementation="eager"`).
+per forward (`fast_plan`) runs them where they are proven exact (an allow-list: the classes marked
+`@served_by_fast_paths`, the config fields it knows, listed devices and dtypes), and this file's modules otherwise.
 """
 
 import math
