@@ -10,8 +10,8 @@ class PerceiverLiteConfig(PreTrainedConfig):
     r"""
     Configuration of a Perceiver (Jaegle et al., 2021, "General Perception with Iterative Attention"): a latent array
     that cross-attends to the inputs (data channels plus Fourier position features) and refines itself with latent
-    self-attention. The defaults are the seed README's usage values (the paper's ImageNet model: 8 cross-attends over
-    1024 latents of width 512, 6 latent self-attention layers after each, the last 7 sharing weights).
+    self-attention. The defaults are the paper's ImageNet model: 8 cross-attends over 1024 latents of width 512, 6 latent
+    self-attention layers after each, the last 7 sharing weights.
 
     Args:
         data_shape (`list[int]`, *optional*, defaults to `[1, 224, 224]`):
@@ -57,8 +57,9 @@ class PerceiverLiteConfig(PreTrainedConfig):
             Width of every attention head; `None` uses `dim // heads` for the latent self-attention and
             `dim // cross_heads` for the cross-attention.
         vocab_size (`int`, *optional*, defaults to 262):
-            Vocabulary size of the token embedding of `PerceiverLiteForSequenceClassification` (262 matches
-            transformers' byte-level `PerceiverTokenizer`).
+            Vocabulary size of the token embedding of the heads on token ids (`PerceiverLiteForSequenceClassification`,
+            `PerceiverLiteForMaskedLM`, `PerceiverLiteForTokenClassification`) and of the masked-LM head's output (262
+            matches transformers' byte-level `PerceiverTokenizer`).
         hidden_act (`str`, *optional*, defaults to `"gelu"`):
             Activation of the feed-forward layers (any name in `transformers.activations.ACT2FN`).
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
@@ -66,11 +67,12 @@ class PerceiverLiteConfig(PreTrainedConfig):
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of weights and of the latent array. 0.02 suits widths
             near 768; small models learn faster from about PyTorch's default scale, `(3 * dim) ** -0.5` (0.07 at
-            `dim=64`, as `scripts/train.py` uses).
+            `dim=64`).
         use_fast_paths (`bool`, *optional*, defaults to `True`):
-            Run the exact fast paths of `fast_perceiver_lite.py` where they apply (sdpa attention, plain `nn.Linear` /
-            `nn.LayerNorm` modules without hooks, no tracing, the paper's encoder: every field below at its default).
-            `False` runs the reference model's math alone, as `attn_implementation="eager"` does with its own attention.
+            Run the exact fast paths of `fast_perceiver_lite.py` where they are proven exact (the conditions are in
+            that module's docstring: sdpa attention, the package's own modules without hooks, no tracing, ...); the
+            reference model runs everywhere else. `False` runs the reference model's math alone, as
+            `attn_implementation="eager"` does with its own attention.
 
         Encoder options beyond the paper's model (their defaults give the paper's model; transformers' Perceiver
         checkpoints need some of them, see `scripts/convert_transformers_perceiver.py`):
@@ -145,11 +147,11 @@ class PerceiverLiteConfig(PreTrainedConfig):
         latent_initializer_range (`float`, *optional*):
             Standard deviation of the latent array's initialisation; `None` uses `initializer_range`. Small models
             learn faster from latents a few times larger than their weights (0.25 beside `initializer_range=0.07` at
-            width 64; see `benchmarks/learning-cpu.md`).
+            width 64).
         gated_feed_forward (`bool`, *optional*, defaults to `False`):
             Gated feed-forward layers: `fc1` gives values and gates, the hidden units are `values * act(gates)`
             (GEGLU with `hidden_act="gelu"`, as perceiver-pytorch's). `ff_dim_scale=4` then has the parameters of a
-            plain feed-forward of scale 6; small models learn faster with it (see `benchmarks/learning-cpu.md`).
+            plain feed-forward of scale 6; small models learn faster with it.
         sparse_prediction (`bool`, *optional*, defaults to `False`):
             Where `PerceiverLiteForMaskedLM` or `PerceiverLiteForTokenClassification` get `labels`, decode only the
             positions that have one (not -100): `logits` then holds those rows alone, `(num_labelled, vocab_size)` or

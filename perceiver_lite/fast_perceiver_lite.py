@@ -1,50 +1,59 @@
-"""Fast paths of PerceiverLite: exact rewrites of the reference model's math (`modeling_perceiver_lite.py`) that make
-the CPU (and, where they apply off it, any device) faster and leaner, with the same parameters and the same results up
-to rounding.
+"""Fast paths of PerceiverLite: exact rewrites of the reference model's math (`modeling_perceiver_lite.py`) that read
+the same weights, with the same results up to rounding and less time and memory where measured.
 
-Where they run. `fast_plan(module)` is the one decision, taken once per forward of `PerceiverLiteModel` and of
-`PerceiverLayer`; it returns a `FastPlan`, or None and the reference runs. The fast paths read the modules' weights
-directly, so they run only where that is exactly what the modules would compute:
+Where they run. At the start of a forward, `PerceiverLiteModel`, `PerceiverLayer` and `PerceiverLiteDecoder` call
+`fast_plan`, the one place where the fast paths are chosen: it returns None, and the reference runs, unless everything
+the forward involves is on these allow-lists (anything not listed, a new config field or module class included, runs
+the reference):
 
-- `config.use_fast_paths` is True and `config._attn_implementation` is `"sdpa"` (`"eager"` is the reference's own
-  math, step by step);
-- every projection is a plain `nn.Linear` and every norm a plain `nn.LayerNorm` (not PEFT's LoRA layers, quantised
-  or parametrised modules, nor subclasses), with plain `nn.Parameter` weights and biases (none removed) off the meta
-  device;
-- no module of the model is watched: no forward or backward hooks (accelerate's offloading hooks included) other than
-  transformers' output recorders, no global module hooks, and no hidden states or attentions are being recorded;
-- the forward is not traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
-- the module's attentions have equal query/key and value widths (`qk_channels == v_channels`, and for the
-  cross-attention or the decoder's).
+- config: every field of `PerceiverLiteConfig` has a recorded decision in `CONFIG_DECISIONS` (served, served for some
+  values, or irrelevant to the replaced modules); `use_fast_paths=True`; `attn_implementation="sdpa"` (`"eager"` is the
+  reference's own math, step by step); equal query/key and value head widths in every attention; `hidden_act` one of
+  `SERVED_ACTIVATIONS`;
+- modules: every module of the model is exactly (`type(m) is ...`) one of the package's classes marked
+  `@served_by_fast_paths` or `nn.Linear`, `nn.LayerNorm`, `nn.Dropout`, `nn.ModuleList` or a served activation, with
+  no `forward` of its own instance; projections and norms with their weight and bias, plain `nn.Parameter`s off the
+  meta device, all of one dtype (so not PEFT's LoRA layers, quantised, parametrised or subclassed modules);
+- no hook: no forward or backward hooks on any module (accelerate's offloading hooks included) other than
+  transformers' output recorders, no global module hooks; no hidden states or attentions requested; no keyword
+  argument to the forward other than `output_attentions=False` / `output_hidden_states=False`; no tracing
+  (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`, `torch.fx`);
+- device and dtype (`DEVICES`, `DTYPES`): the CPU; a CUDA device only where the GPU benchmarks show the fast paths
+  faster (`faster_on_cuda`); weights, or autocast, in float32 or bfloat16.
 
-What they do (each is tested against the reference, outputs and gradients, in `tests/test_fast_paths.py`):
+What they do (each tested against the reference, outputs and gradients, in `tests/test_fast_paths.py`); a `FastPlan`
+records which of these each layer of the forward runs, and the functions below execute it:
 
-- **Inputs never concatenated.** A cross-attention's keys and values are `linear(norm(cat([data, positions])))` with
-  `C` data channels and `F >> C` Fourier channels shared by the batch. `norm_and_project_concatenation` computes them
-  from the two parts: the position part is one `(M, F)` product for the whole batch, and `(B, M, C + F)` is never
-  built. Keys and values are computed once per unique block and reused by its repeats.
-- **Cross-attention to grid features.** For the positions of a grid, the keys and values are linear in `r` features
-  per input element (`FactoredProjection.grid_features`: data, one-hot grid coordinates scaled by the norm's `rstd`, a
-  one); where `r` is below the head size each head attends with `q W_k` to those features directly (`grid_attention`).
-- **A query shared by the batch.** The latents before their first cross-attend are one array for every sample: their
-  norm runs once, and where the grid features do not apply `SharedQueryAttention` computes the position part of the
-  scores once for the batch. The Perceiver IO decoder's learned queries (and the Fourier queries of an unpadded grid)
-  are shared too: their norm and query projection run once (`decode`).
+- **Inputs never concatenated** (`FastPlan.factored_inputs`). A cross-attention's keys and values are
+  `linear(norm(cat([data, positions])))` with `C` data channels and `F >> C` Fourier channels shared by the batch.
+  `norm_and_project_concatenation` computes them from the two parts: the position part is one `(M, F)` product for
+  the whole batch, and `(B, M, C + F)` is never built. Keys and values are computed once per unique block.
+- **Cross-attention to grid features** (`KeyValues.GRID`). For the positions of a grid, the keys and values are linear
+  in `r` features per input element (`FactoredProjection.grid_features`); where `r` is below the head size each head
+  attends with `q W_k` to those features directly (`grid_attention`).
+- **A query shared by the batch** (`LayerRoute.shared_query`, `KeyValues.SHARED_QUERY`). The latents before their
+  first cross-attend are one array for every sample: their norm and query projection run once, and
+  `SharedQueryAttention` computes the position part of the scores once for the batch. The decoder's learned queries
+  (and the Fourier queries of an unpadded grid) are shared too.
 - **One product for q, k and v** of the latent self-attention.
-- **Attention through plain batched matmuls on the CPU** (`RecomputedAttention`, which keeps nothing of size
-  `(Lq, Lk)` for backward, and `kept_probabilities_attention_forward` for the latents' own small scores): faster than
-  torch's fused CPU kernel in half precision, and in float32 where only the query needs a gradient. Off the CPU, and
-  with attention dropout, torch's fused kernels run (the reference's sdpa path).
-- **The feed-forward's activation recomputed in backward** (`RecomputedActivationMLP`): one `(B, N, ff_dim)`
-  tensor kept per layer instead of two; in place where autograd keeps no input (inference).
+- **Attention kernels** (`Kernel`): torch's fused kernels (the reference's sdpa path); `RecomputedAttention`, plain
+  batched matmuls that keep nothing of size `(Lq, Lk)` for backward; `kept_probabilities_attention_forward` for the
+  latents' own small scores in half precision.
+- **Feed-forward** (`FeedForward`): the module; `RecomputedActivationMLP`, which keeps one `(B, N, ff_dim)` tensor for
+  backward instead of two; the activation in place where autograd records nothing.
+- **Gradient checkpointing** (`FastPlan.checkpointing`): each layer through its checkpointing function.
 """
 
 import dataclasses
+import enum
 import functools
+import math
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import output_capturing
 
@@ -52,60 +61,186 @@ from .validation_perceiver_lite import is_tracing
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The decision
+# The plan
 # ---------------------------------------------------------------------------------------------------------------------
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
-NORMS = ("kv_norm", "self_attention_norm", "cross_attention_norm", "mlp_norm")
+
+class Kernel(enum.Enum):
+    """How an attention computes `softmax(q k^T) v` (`attend`)."""
+
+    SDPA = "sdpa"  # torch's fused kernels, as the reference's sdpa path
+    RECOMPUTED = "recomputed"  # RecomputedAttention
+    KEPT = "kept probabilities"  # kept_probabilities_attention_forward
+
+
+class KeyValues(enum.Enum):
+    """The form of a cross-attention's keys and values (`cross_attention`)."""
+
+    TENSORS = "tensors"  # (B, H, Lk, D), materialised
+    GRID = "grid features"  # grid_attention
+    SHARED_QUERY = "shared query"  # SharedQueryAttention on the factored keys
+
+
+class FeedForward(enum.Enum):
+    """How a feed-forward runs (`mlp`)."""
+
+    MODULE = "module"
+    RECOMPUTED = "recomputed activation"  # RecomputedActivationMLP
+    IN_PLACE = "in place"  # the activation in place: autograd records nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRoute:
+    """What one `PerceiverLiteLayer` runs: its self-attention's kernel, its cross-attention's keys and values and
+    kernel, whether the cross-attention's query is one array for the batch (normalised and projected once), and its
+    feed-forward; None for a part the layer does not have."""
+
+    self_attention: Kernel | None = None
+    key_values: KeyValues | None = None
+    cross_attention: Kernel | None = None
+    shared_query: bool = False
+    feed_forward: FeedForward | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class FastPlan:
-    """What one forward runs. `own_kernels`: this module's matmul attention functions may replace torch's fused
-    kernels (on the CPU, without attention dropout); `checkpointing`: layers recompute their activations in backward."""
+    """Every route of one forward, decided by `fast_plan`.
 
-    own_kernels: bool
-    checkpointing: bool
+    `cross_layers`: the route of each cross-attending layer in the order they run (the encoder's per entry of
+    `layers_indice`, None where that block does not cross-attend; the decoder's layer; `PerceiverLayer`'s layers);
+    `latent_layer`: the encoder's latent self-attention layers; `factored_inputs`: the encoder's data and Fourier
+    positions are projected apart, never concatenated; `padded`: the key padding mask hides some input (else it is
+    dropped); `checkpointing`: every layer recomputes its activations in backward; `autocast`: the dtype autocast
+    casts products to, or None."""
 
-
-def fast_plan(module: nn.Module, device: torch.device) -> FastPlan | None:
-    """The fast paths' plan for a forward of `module` (a `PerceiverLiteModel`, `PerceiverLayer` or
-    `PerceiverLiteDecoder`) on `device`, or None where they cannot be exact and the reference must run (see the module
-    docstring)."""
-    config = module.config
-    if not config.use_fast_paths or config._attn_implementation != "sdpa" or is_tracing() or _recording_outputs():
-        return None
-    modules = list(module.modules())
-    if not _equal_head_widths(modules) or _global_hooks() or not all(_plain(child) for child in modules):
-        return None
-    dropout = module.training and config.attention_dropout > 0
-    checkpointing = module.training and torch.is_grad_enabled() and any(
-        vars(child).get("gradient_checkpointing", False) for child in modules
-    )  # set on the instance by `gradient_checkpointing_enable`
-    return FastPlan(own_kernels=device.type == "cpu" and not dropout, checkpointing=checkpointing)
+    cross_layers: tuple[LayerRoute | None, ...]
+    latent_layer: LayerRoute | None = None
+    factored_inputs: bool = False
+    padded: bool = False
+    checkpointing: bool = False
+    autocast: torch.dtype | None = None
 
 
-# The checks below run on every module at every forward: they read the modules' own dictionaries (`vars`,
-# `_modules`, `_parameters`) rather than `getattr`, whose misses go through `nn.Module.__getattr__`'s exception.
+# ---------------------------------------------------------------------------------------------------------------------
+# The allow-lists
+# ---------------------------------------------------------------------------------------------------------------------
+
+SERVED, IRRELEVANT = "served", "irrelevant"
 
 
-def _equal_head_widths(modules: list[nn.Module]) -> bool:
-    """Whether every attention among `modules` has equal query/key and value head widths: the fast paths split, fuse
-    and factor keys and values with one head size."""
-    return all(vars(child)["head_dim"] == vars(child)["v_head_dim"] for child in modules if "v_head_dim" in vars(child))
+def _equal_head_widths(config) -> bool:
+    """Every attention splits, fuses and factors its keys and values with one head size."""
+    return all(len(set(config.attention_channels(kind)[1:])) == 1 for kind in ("self", "cross", "decoder"))
 
 
-def _plain(module: nn.Module) -> bool:
-    """Whether the fast paths may read `module`'s weights instead of calling it: its projections and norms are plain
-    `nn.Linear` / `nn.LayerNorm` with the weight and bias the model builds (not removed or replaced by `None`), its
-    own parameters plain and with values, and no hook watches it."""
+SERVED_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
+# Every field of `PerceiverLiteConfig`: SERVED (every valid value runs the fast paths, tested against the reference),
+# IRRELEVANT (read only outside the modules the fast paths replace: heads, initialisation), or a function of the
+# config that says for which values the fast paths serve (the reference runs for the others).
+CONFIG_DECISIONS = {
+    "data_shape": SERVED,
+    "cross_heads": SERVED,
+    "num_latent_tokens": SERVED,
+    "dim": SERVED,
+    "heads": SERVED,
+    "layers_indice": SERVED,
+    "num_latent_transformers_in_layers": SERVED,
+    "num_bands": SERVED,
+    "resolution": SERVED,
+    "frequency_base": SERVED,
+    "pre_norm": SERVED,
+    "ff_dim": SERVED,
+    "ff_dim_scale": SERVED,
+    "ff_dropout": SERVED,
+    "attention_dropout": SERVED,
+    "cross_kv_dim": SERVED,
+    "head_dim": SERVED,
+    "vocab_size": IRRELEVANT,
+    "hidden_act": lambda config: config.hidden_act in SERVED_ACTIVATIONS,
+    "layer_norm_eps": SERVED,
+    "initializer_range": IRRELEVANT,
+    "use_fast_paths": lambda config: config.use_fast_paths,
+    "cross_attend_blocks": SERVED,
+    "qk_channels": _equal_head_widths,
+    "v_channels": _equal_head_widths,
+    "cross_qk_channels": _equal_head_widths,
+    "cross_v_channels": _equal_head_widths,
+    "cross_ff_dim": SERVED,
+    "cross_attention_query_residual": SERVED,
+    "input_projection_dim": SERVED,
+    "position_encoding_type": SERVED,
+    "position_dim": SERVED,
+    "concat_positions": SERVED,
+    "decoder_dim": SERVED,
+    "decoder_heads": SERVED,
+    "decoder_qk_channels": _equal_head_widths,
+    "decoder_v_channels": _equal_head_widths,
+    "decoder_ff_dim_scale": SERVED,
+    "decoder_query_residual": SERVED,
+    "decoder_query_type": SERVED,
+    "decoder_query_inputs": SERVED,
+    "classifier_pooling": SERVED,
+    "tie_word_embeddings": IRRELEVANT,
+    "latent_initializer_range": IRRELEVANT,
+    "gated_feed_forward": SERVED,
+    "sparse_prediction": SERVED,
+}
+
+
+@functools.cache
+def config_fields(config_class: type) -> tuple[str, ...]:
+    """The fields a config class adds to transformers' `PreTrainedConfig`: those `CONFIG_DECISIONS` must cover."""
+    inherited = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+    return tuple(field.name for field in dataclasses.fields(config_class) if field.name not in inherited)
+
+
+def _config_served(config) -> bool:
+    if config._attn_implementation != "sdpa":
+        return False
+    decisions = [CONFIG_DECISIONS.get(name) for name in config_fields(type(config))]
+    return all(decision in (SERVED, IRRELEVANT) or (decision is not None and decision(config)) for decision in decisions)
+
+
+SERVED_MODULES = {nn.Linear, nn.LayerNorm, nn.Dropout, nn.ModuleList}
+
+
+def served_by_fast_paths(module_class: type) -> type:
+    """Class decorator: the fast paths were proven exact for modules of exactly this class (not its subclasses)."""
+    SERVED_MODULES.add(module_class)
+    return module_class
+
+
+def in_place_activation(act: nn.Module):
+    """The in-place form of the activation module `act`, where it is a served activation (the same values as the
+    module), else None."""
+    if type(act) is GELUActivation and act.act is nn.functional.gelu:
+        return torch.ops.aten.gelu_
+    if type(act) is GELUTanh:
+        return functools.partial(torch.ops.aten.gelu_, approximate="tanh")
+    if type(act) is nn.ReLU:
+        return torch.relu_
+    if type(act) in (SiLUActivation, nn.SiLU):
+        return functools.partial(nn.functional.silu, inplace=True)
+    return None
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
+NORMS = ("kv_norm", "self_attention_norm", "cross_attention_norm", "mlp_norm")
+RECORDED_KWARGS = ("output_attentions", "output_hidden_states")
+
+
+def _module_served(module: nn.Module) -> bool:
+    """`module` is of a served class, computes as its class does (no instance `forward`, projections and norms with
+    their weight and bias), and no hook watches it. Read from the module's own dictionaries (`vars`, `_modules`):
+    `getattr`'s misses go through `nn.Module.__getattr__`'s exception, at every module of every forward."""
+    if type(module) not in SERVED_MODULES and in_place_activation(module) is None or "forward" in vars(module):
+        return False
     children = module._modules
     for names, plain in ((PROJECTIONS, nn.Linear), (NORMS, nn.LayerNorm)):
         for child in (children.get(name) for name in names):
             if child is not None and (type(child) is not plain or child.weight is None or child.bias is None):
                 return False
-    if any(p is not None and (type(p) is not nn.Parameter or p.device.type == "meta") for p in module._parameters.values()):
-        return False
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     watched = module._backward_hooks or module._backward_pre_hooks or "_hf_hook" in vars(module)
     return not watched and all(getattr(hook, "__module__", None) == output_capturing.__name__ for hook in hooks)
@@ -120,10 +255,188 @@ def _global_hooks() -> bool:
     )  # fmt: skip
 
 
-def _recording_outputs() -> bool:
-    """Whether transformers' `capture_outputs` is collecting hidden states or attentions in this forward: its hooks on
-    the layers and attention modules must then see them called."""
-    return bool(output_capturing._active_collector.get())
+DEVICES = ("cpu", "cuda")
+DTYPES = (torch.float32, torch.bfloat16)
+OWN_KERNEL_DEVICES = ("cpu",)  # where the matmul kernels replace torch's fused ones (see `Kernel`)
+CUDA_MIN_INPUT_ELEMENTS = 32 * 224 * 224  # batch x input elements of the GPU run where the fast paths are faster
+
+
+def faster_on_cuda(module: nn.Module, dtype: torch.dtype, needs_grad: bool, input_elements: int) -> bool:
+    """Whether the fast paths serve a forward of `module` on a CUDA device, computing in `dtype`, recorded by autograd
+    where `needs_grad`, over `input_elements` (batch x inputs): where the GPU benchmarks (scenario A, H200; see
+    docs/design.md, "Fast paths off the CPU") show them faster than the reference. That is the encoder with inputs as
+    large as 32 images of 224 x 224 (`benchmark-cuda-224.md`), in bfloat16, or in float32 without gradients; not
+    float32 training (`benchmark-cuda-224.md`: slower), not smaller inputs (`benchmark-cuda.md`, 8 images of 64 x 64:
+    slower in every dtype), not the decoder or `PerceiverLayer` (no GPU row shows them faster)."""
+    if "blocks" not in module._modules or input_elements < CUDA_MIN_INPUT_ELEMENTS:
+        return False
+    return dtype is torch.bfloat16 or not needs_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The decision
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts a linear layer's operands to on `device`, or None where it is off there."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, queries=None, embedded=False, kwargs=None):
+    """The `FastPlan` of a forward of `module`, or None where the fast paths cannot serve it (see the module
+    docstring) and the reference must run. `module` is a `PerceiverLiteModel` (`inputs` `(B, C, *axes)`, or
+    `(B, M, cross_kv_dim)` where `embedded`; `attention_mask` `(B, M)` boolean or None), a `PerceiverLayer` (`queries`
+    its `q`, `inputs` its context, `attention_mask` its key padding mask) or a `PerceiverLiteDecoder` (`queries` its
+    queries, `inputs` the latents). `kwargs`: the forward's other keyword arguments."""
+    config, device = module.config, inputs.device
+    kwargs = kwargs or {}
+    if (
+        device.type not in DEVICES or not _config_served(config) or is_tracing() or _global_hooks()
+        or any(name not in RECORDED_KWARGS for name in kwargs)
+        or any(kwargs.get(name, getattr(config, name, False)) for name in RECORDED_KWARGS)  # hooks record them
+    ):  # fmt: skip
+        return None
+    parameters, checkpointing = [], set()
+    for child in module.modules():
+        if not _module_served(child):
+            return None
+        parameters += [p for p in child._parameters.values() if p is not None]
+        if isinstance(child, GradientCheckpointingLayer):  # switched by `gradient_checkpointing_enable`
+            checkpointing.add(child.gradient_checkpointing)
+    weights_dtype = {p.dtype for p in parameters}
+    if len(weights_dtype) != 1 or any(type(p) is not nn.Parameter or p.device.type == "meta" for p in parameters):
+        return None
+    autocast = autocast_dtype(device)
+    dtype = autocast or weights_dtype.pop()
+    tensors = [inputs] if queries is None else [inputs, queries]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [*tensors, *parameters])
+    if dtype not in DTYPES:
+        return None
+    grid_inputs = "blocks" in module._modules and not embedded  # (B, C, *axes)
+    input_elements = len(inputs) * (math.prod(inputs.shape[2:]) if grid_inputs else inputs.shape[1])
+    if device.type == "cuda" and not faster_on_cuda(module, dtype, needs_grad, input_elements):
+        return None
+    if len(checkpointing) > 1:  # some layers only: not a state the fast paths were proven in
+        return None
+    checkpointing = module.training and torch.is_grad_enabled() and checkpointing == {True}
+    dropout = module.training and config.attention_dropout > 0  # drawn by torch's kernels, as in the reference
+    own_kernels = device.type in OWN_KERNEL_DEVICES and not dropout
+    routes = _Routes(module, own_kernels, dtype != torch.float32, needs_grad, checkpointing)
+    if "blocks" in module._modules:
+        return routes.encoder(inputs, attention_mask, embedded, autocast)
+    if "layers" in module._modules:
+        return routes.perceiver_layer(queries, inputs, autocast)
+    return routes.decoder(queries, inputs, autocast)
+
+
+RECOMPUTE_MIN_ELEMENTS = 1 << 19  # fc1 outputs from this size (2 MiB in float32) recompute their activation
+KEPT_SCORES_BUDGET = 1 << 22  # the most scores a half-precision self-attention keeps for backward
+
+
+@dataclasses.dataclass
+class _Routes:
+    """The routes of each kind of layer, for `fast_plan`: `own_kernels` (the matmul kernels may replace torch's fused
+    ones: on the CPU, without attention dropout), `half` (products in half precision), `needs_grad` (autograd records
+    the forward), `checkpointing`."""
+
+    module: nn.Module
+    own_kernels: bool
+    half: bool
+    needs_grad: bool
+    checkpointing: bool
+
+    def kernel(self, attention, scores: int, keys_need_grad: bool) -> Kernel:
+        """With the matmul kernels: for a self-attention in half precision whose `scores` `(B H Lq Lk)` fit
+        `KEPT_SCORES_BUDGET` (8 MiB: the latents' own, never the inputs'), kept probabilities; in half precision
+        (bfloat16 / float16 matmuls run on the CPU's matrix instructions, the fused kernel's blocks do not), or where
+        only the query needs a gradient (the fused kernel's backward computes all three), `RecomputedAttention`.
+        Otherwise torch's fused kernels."""
+        if not self.own_kernels:
+            return Kernel.SDPA
+        if self.half and not attention.is_cross_attention and scores <= KEPT_SCORES_BUDGET:
+            return Kernel.KEPT
+        if self.half or (self.needs_grad and not keys_need_grad):
+            return Kernel.RECOMPUTED
+        return Kernel.SDPA
+
+    def feed_forward(self, mlp, rows: int) -> FeedForward | None:
+        """Without autograd, the activation in place (not gated: the gate multiplies it); with autograd, where `fc1`'s
+        output has `RECOMPUTE_MIN_ELEMENTS` or more, `RecomputedActivationMLP` (below that the memory is small and
+        autograd's own path is the faster); else the module."""
+        if mlp is None:
+            return None
+        if not self.needs_grad:
+            return FeedForward.MODULE if mlp.gated else FeedForward.IN_PLACE
+        return FeedForward.RECOMPUTED if rows * mlp.fc1.out_features >= RECOMPUTE_MIN_ELEMENTS else FeedForward.MODULE
+
+    def layer(self, layer, batch_size, length, keys, key_values=None, keys_need_grad=True, shared_query=False):
+        """The route of `layer` for `batch_size` samples of `length` queries attending to `keys` keys each."""
+        rows, self_kernel, cross_kernel = batch_size * length, None, None
+        if layer.self_attention is not None:
+            self_kernel = self.kernel(layer.self_attention, rows * layer.self_attention.num_heads * length, True)
+        if layer.cross_attention is not None:
+            attention = layer.cross_attention
+            cross_kernel = self.kernel(attention, rows * attention.num_heads * keys, keys_need_grad)
+            key_values = key_values or KeyValues.TENSORS
+        return LayerRoute(self_kernel, key_values, cross_kernel, shared_query, self.feed_forward(layer.mlp, rows))
+
+    def keys_need_grad(self, attention, inputs: torch.Tensor, *modules) -> bool:
+        """Whether a cross-attention's keys and values of `inputs` need a gradient: the inputs do, or a parameter of
+        the attention's key path or of `modules` (those that compute the inputs) does."""
+        parameters = [attention.k_proj, attention.v_proj, attention.kv_norm, *modules]
+        return self.needs_grad and (inputs.requires_grad or any(
+            p.requires_grad for module in parameters if module is not None for p in module.parameters()))  # fmt: skip
+
+    def encoder(self, inputs, attention_mask, embedded: bool, autocast) -> FastPlan:
+        """The encoder's plan: its data and Fourier positions projected apart where nothing else joins them (no
+        `inputs_embeds`, no input projection, positions concatenated); for each cross-attend, keys and values as grid
+        features where those are narrower than a head, else through `SharedQueryAttention` for the first one (the
+        latents shared by the batch) with the matmul kernels, else as tensors (always under checkpointing: a checkpoint
+        tracks tensor arguments only); the latents' and each layer's kernels and feed-forward."""
+        model, config = self.module, self.module.config
+        embeddings = model.embeddings
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        factored = not embedded and embeddings.input_projection is None and embeddings.concat_positions and (
+            embeddings.position_features is not None)  # fmt: skip
+        grid = None if embedded or padded else tuple(inputs.shape[2:])
+        batch_size, num_latents = len(inputs), config.num_latent_tokens
+        num_inputs = inputs.shape[1] if embedded else math.prod(inputs.shape[2:])
+        cross_layers = []
+        for step, index in enumerate(config.layers_indice):
+            layer = model.blocks[index].cross_layer
+            if layer is None:
+                cross_layers.append(None)
+                continue
+            attention = layer.cross_attention
+            key_values, shared_query = KeyValues.TENSORS, step == 0
+            keys_need_grad = self.keys_need_grad(attention, inputs, *([] if factored else [embeddings]))
+            if factored and attention.kv_norm is not None and not self.checkpointing and grid is not None:
+                if grid_width(config.data_shape[0], grid) < attention.head_dim:
+                    key_values, keys_need_grad = KeyValues.GRID, self.needs_grad and inputs.requires_grad
+                elif shared_query and self.own_kernels:
+                    key_values = KeyValues.SHARED_QUERY
+            route = self.layer(layer, batch_size, num_latents, num_inputs, key_values, keys_need_grad, shared_query)
+            cross_layers.append(route)
+        latent_layers = [layer for block in model.blocks for layer in block.layers]
+        latent_layer = self.layer(latent_layers[0], batch_size, num_latents, num_latents) if latent_layers else None
+        return FastPlan(tuple(cross_layers), latent_layer, factored, padded, self.checkpointing, autocast)
+
+    def perceiver_layer(self, queries, context, autocast) -> FastPlan:
+        """`PerceiverLayer`'s plan: each of its layers attends from the queries to its projections of the context."""
+        layer = self.module.layers[0]
+        keys_need_grad = self.keys_need_grad(layer.cross_attention, context)
+        route = self.layer(layer, *queries.shape[:2], context.shape[1], keys_need_grad=keys_need_grad)
+        return FastPlan((route,) * len(self.module.layers), checkpointing=self.checkpointing, autocast=autocast)
+
+    def decoder(self, queries, latents, autocast) -> FastPlan:
+        """The decoder's plan: its queries are normalised and projected once where they are one array for the batch
+        (stride 0 along it: learned queries, or the Fourier positions of an unpadded grid)."""
+        layer = self.module.layer
+        shared_query = queries.shape[0] > 1 and queries.stride(0) == 0
+        keys_need_grad = self.keys_need_grad(layer.cross_attention, latents)
+        route = self.layer(layer, *queries.shape[:2], latents.shape[1], None, keys_need_grad, shared_query)
+        return FastPlan((route,), checkpointing=self.checkpointing, autocast=autocast)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,77 +448,73 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
     """`PerceiverLiteModel`'s latents `(B, N, dim)`, as the reference computes them. `attention_mask` is the flattened
     `(B, M)` boolean mask (or None) and `padding_mask` the reference's `(B, 1, 1, M)` key mask from it."""
     positions = grid = None
-    if attention_mask is not None and attention_mask.all():  # no padding: the routes of an unmasked batch
+    if not plan.padded:
         attention_mask = padding_mask = None
     embeddings = model.embeddings
-    if inputs_embeds is None and (embeddings.position_features is None or embeddings.input_projection is not None
-                                  or not embeddings.concat_positions):  # fmt: skip
-        inputs_embeds = embeddings(inputs, attention_mask)  # learned, added or projected: the module's own inputs
-    if inputs_embeds is None:  # the data channels and their Fourier features, never concatenated
+    if plan.factored_inputs:  # the data channels and their Fourier features, never concatenated
         inputs_embeds = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
         positions = embeddings.positions(inputs.shape[2:], attention_mask, inputs.device, inputs.dtype)
         grid = tuple(inputs.shape[2:]) if attention_mask is None else None  # per-sample positions: no shared grid
         positions = positions.to(model.dtype)  # (M, F) or (B, M, F)
+    elif inputs_embeds is None:
+        inputs_embeds = embeddings(inputs, attention_mask)  # learned, added or projected: the module's own inputs
     inputs_embeds = inputs_embeds.to(model.dtype)
 
     latents = model.latents.expand(inputs_embeds.shape[0], -1, -1)  # (B, N, dim), one query for the batch
     key_values = {}
-    for step, index in enumerate(model.config.layers_indice):
+    for index, route in zip(model.config.layers_indice, plan.cross_layers):
         block = model.blocks[index]
-        if block.cross_layer is not None and index not in key_values:  # repeats attend to the same keys and values
+        if route is not None:
             attention = block.cross_layer.cross_attention
-            key_values[index] = project_inputs(attention, inputs_embeds, positions, grid)
-            if plan.checkpointing:  # a checkpoint tracks tensor arguments only: no factored projections
-                key_values[index] = tuple(as_tensor(attention, p) for p in key_values[index])
-        if block.cross_layer is not None:
+            if index not in key_values:  # repeats attend to the same keys and values
+                key_values[index] = project_inputs(attention, inputs_embeds, positions, grid)
             key, value = key_values[index]
-            latents = run_layer(block.cross_layer, plan, latents, key, value, padding_mask, step == 0)
+            if route.key_values is KeyValues.TENSORS:
+                key, value = as_tensor(attention, key), as_tensor(attention, value)
+            latents = run_layer(block.cross_layer, plan, route, latents, key, value, padding_mask)
         for layer in block.layers:
-            latents = run_layer(layer, plan, latents)
+            latents = run_layer(layer, plan, plan.latent_layer, latents)
     return latents
 
 
 def decode(decoder, plan: FastPlan, queries: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """`PerceiverLiteDecoder`'s layer: its `queries` `(B, Q, decoder_dim)` attend to the final `latents`. Queries shared
-    by the batch (learned, or the positions of an unmasked grid: stride 0 along it) are normalised and projected
-    once."""
+    """`PerceiverLiteDecoder`'s layer: its `queries` `(B, Q, decoder_dim)` attend to the final `latents`."""
     key, value = project_inputs(decoder.layer.cross_attention, latents)
-    shared_query = queries.shape[0] > 1 and queries.stride(0) == 0
-    return run_layer(decoder.layer, plan, queries, key, value, None, shared_query)
+    return run_layer(decoder.layer, plan, plan.cross_layers[0], queries, key, value)
 
 
 def perceiver_layer(module, plan: FastPlan, q: torch.Tensor, context: torch.Tensor, padding_mask) -> torch.Tensor:
     """`PerceiverLayer`'s output: each layer attends from `q` to its projections of `context`."""
-    for layer in module.layers:
+    for layer, route in zip(module.layers, plan.cross_layers):
         key, value = project_inputs(layer.cross_attention, context)
-        q = run_layer(layer, plan, q, key, value, padding_mask)
+        q = run_layer(layer, plan, route, q, key, value, padding_mask)
     return q
 
 
-def run_layer(layer, plan: FastPlan, hidden_states, key=None, value=None, padding_mask=None, shared_query=False):
-    """`layer_forward`, through the layer's checkpointing function where it recomputes activations in backward."""
-    forward = functools.partial(layer_forward, layer, plan, shared_query=shared_query)
-    if plan.checkpointing and layer.gradient_checkpointing:
+def run_layer(layer, plan: FastPlan, route: LayerRoute, hidden_states, key=None, value=None, padding_mask=None):
+    """`layer_forward`, through the layer's checkpointing function where the plan checkpoints."""
+    forward = functools.partial(layer_forward, layer, plan, route)
+    if plan.checkpointing:
         return layer._gradient_checkpointing_func(forward, hidden_states, key, value, padding_mask)
     return forward(hidden_states, key, value, padding_mask)
 
 
-def layer_forward(layer, plan: FastPlan, hidden_states, key=None, value=None, padding_mask=None, shared_query=False):
-    """`PerceiverLiteLayer.forward` through the fast paths. `shared_query`: `hidden_states` is one array expanded along
-    the batch (the latents before their first cross-attend, the decoder's learned queries), so its norm and query
-    projection run once."""
-    if layer.self_attention is not None:
-        attend = functools.partial(self_attention, layer.self_attention, plan)
+def layer_forward(layer, plan: FastPlan, route: LayerRoute, hidden_states, key=None, value=None, padding_mask=None):
+    """`PerceiverLiteLayer.forward` along `route`. A shared query (`hidden_states` one array expanded along the batch)
+    is normalised once before the attention (pre-norm; post-norm normalises the residual sum, which differs per
+    sample) and projected once."""
+    if route.self_attention is not None:
+        attend = functools.partial(self_attention, layer.self_attention, route.self_attention)
         hidden_states = layer.sublayer(layer.self_attention_norm, attend, hidden_states)
-    if layer.cross_attention is not None:
+    if route.key_values is not None:
         norm = layer.cross_attention_norm
-        if shared_query and layer.pre_norm:  # post-norm normalises the residual sum, which differs per sample
+        if route.shared_query and layer.pre_norm:
             norm = shared_norm(norm)
-        attend = functools.partial(cross_attention, layer.cross_attention, plan, shared_query=shared_query)
+        attend = functools.partial(cross_attention, layer.cross_attention, route)
         hidden_states = layer.sublayer(norm, attend, hidden_states, key, value, padding_mask, residual=layer.query_residual)
-    if layer.mlp is None:  # the decoder's layer without a feed-forward
+    if route.feed_forward is None:  # the decoder's layer without a feed-forward
         return hidden_states
-    return layer.sublayer(layer.mlp_norm, functools.partial(mlp, layer.mlp), hidden_states)
+    return layer.sublayer(layer.mlp_norm, functools.partial(mlp, layer.mlp, route.feed_forward, plan.autocast), hidden_states)
 
 
 def shared_norm(norm: nn.LayerNorm):
@@ -213,44 +522,16 @@ def shared_norm(norm: nn.LayerNorm):
     return lambda hidden_states: norm(hidden_states[:1]).expand_as(hidden_states)
 
 
-RECOMPUTE_MIN_ELEMENTS = 1 << 19  # fc1 outputs from this size (2 MiB in float32) recompute their activation
-
-
-def mlp(module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """`PerceiverLiteMLP.forward`. Where autograd records it and `fc1`'s output has `RECOMPUTE_MIN_ELEMENTS` or more,
-    `RecomputedActivationMLP` keeps one such tensor for backward instead of two (below that the memory is small and
-    autograd's own path is the faster); without gradients the activation runs in place: one tensor less to allocate
-    and write."""
-    parameters = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
-    recorded = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (hidden_states, *parameters))
-    if recorded and hidden_states.shape[:-1].numel() * module.fc1.out_features < RECOMPUTE_MIN_ELEMENTS:
+def mlp(module, route: FeedForward, autocast: torch.dtype | None, hidden_states: torch.Tensor) -> torch.Tensor:
+    """`PerceiverLiteMLP.forward` along `route` (see `FeedForward`); `autocast`: the dtype autocast casts to, if on."""
+    if route is FeedForward.MODULE:
         return module(hidden_states)
-    if recorded:
-        dtype = autocast_dtype(hidden_states.device)
-        hidden_states = hidden_states if dtype is None else hidden_states.to(dtype)
-        return module.dropout(RecomputedActivationMLP.apply(module.activate, dtype, hidden_states, *parameters))
-    hidden_states = module.fc1(hidden_states)  # (B, N, ff_dim), or (B, N, 2 ff_dim) gated
-    in_place = None if module.gated else in_place_activation(module.act)
-    hidden_states = module.activate(hidden_states) if in_place is None else in_place(hidden_states)
-    return module.dropout(module.fc2(hidden_states))
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast casts a linear layer's operands to on `device`, or None where it is off there."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-
-
-def in_place_activation(act: nn.Module):
-    """The in-place form of the activation module `act`, where it has one that computes exactly the same, else None."""
-    if type(act) is GELUActivation and act.act is nn.functional.gelu:
-        return torch.ops.aten.gelu_
-    if type(act) is GELUTanh:
-        return functools.partial(torch.ops.aten.gelu_, approximate="tanh")
-    if type(act) is nn.ReLU:
-        return torch.relu_
-    if type(act) in (SiLUActivation, nn.SiLU):
-        return functools.partial(nn.functional.silu, inplace=True)
-    return None
+    if route is FeedForward.RECOMPUTED:
+        hidden_states = hidden_states if autocast is None else hidden_states.to(autocast)
+        parameters = (module.fc1.weight, module.fc1.bias, module.fc2.weight, module.fc2.bias)
+        return module.dropout(RecomputedActivationMLP.apply(module.activate, autocast, hidden_states, *parameters))
+    hidden_states = module.fc1(hidden_states)  # (B, N, ff_dim)
+    return module.dropout(module.fc2(in_place_activation(module.act)(hidden_states)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -288,52 +569,37 @@ def as_tensor(attention, projection) -> torch.Tensor:
     return projection
 
 
-def self_attention(attention, plan: FastPlan, hidden_states: torch.Tensor) -> torch.Tensor:
+def self_attention(attention, kernel: Kernel, hidden_states: torch.Tensor) -> torch.Tensor:
     """`PerceiverLiteAttention.forward` without keys and values: q, k and v from one product."""
     weight = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])  # (3 H D, dim)
     bias = torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias])
     states = split_heads(attention, nn.functional.linear(hidden_states, weight, bias))  # (B, 3 H, L, D)
     query, key, value = states.chunk(3, dim=1)  # (B, H, L, D) each
-    attn_output = attend(attention, plan, query, key, value, None)  # (B, L, H, D)
+    attn_output = attend(attention, kernel, query, key, value, None)  # (B, L, H, D)
     return attention.o_proj(attn_output.flatten(2))  # (B, L, dim)
 
 
-def cross_attention(attention, plan: FastPlan, hidden_states, key, value, padding_mask, shared_query=False):
-    """`PerceiverLiteAttention.forward` to keys and values from `project_inputs`: to grid features where they are
-    narrower than a head (`grid_attention`), through `SharedQueryAttention` for a query shared by the batch and
-    positions shared by it, else to the materialised keys and values."""
-    if isinstance(key, FactoredProjection):
-        if key.grid is not None and key.grid_width < attention.head_dim:
-            return grid_attention(attention, plan, hidden_states, key, value, padding_mask)
-        if shared_query and key.positions.dim() == 2 and plan.own_kernels:
-            return shared_query_attention(attention, hidden_states[0], key, as_tensor(attention, value), padding_mask)
-    key, value = as_tensor(attention, key), as_tensor(attention, value)
-    if shared_query:  # one query for the batch, projected once
+def cross_attention(attention, route: LayerRoute, hidden_states, key, value, padding_mask):
+    """`PerceiverLiteAttention.forward` to keys and values from `project_inputs`, along `route`: to grid features
+    (`grid_attention`), through `SharedQueryAttention`, or to the keys and values as tensors, from a query projected
+    once where it is shared by the batch."""
+    if route.key_values is KeyValues.GRID:
+        return grid_attention(attention, route.cross_attention, hidden_states, key, value, padding_mask)
+    if route.key_values is KeyValues.SHARED_QUERY:
+        return shared_query_attention(attention, hidden_states[0], key, as_tensor(attention, value), padding_mask)
+    if route.shared_query:  # one query for the batch, projected once
         query = split_heads(attention, attention.q_proj(hidden_states[:1])).expand(key.shape[0], -1, -1, -1)
     else:
         query = split_heads(attention, attention.q_proj(hidden_states))  # (B, H, Lq, D)
-    attn_output = attend(attention, plan, query, key, value, padding_mask)  # (B, Lq, H, D)
+    attn_output = attend(attention, route.cross_attention, query, key, value, padding_mask)  # (B, Lq, H, D)
     return attention.o_proj(attn_output.flatten(2))  # (B, Lq, dim)
 
 
-KEPT_SCORES_BUDGET = 1 << 22  # the most scores a half-precision self-attention keeps for backward
-
-
-def attend(attention, plan: FastPlan, query, key, value, padding_mask) -> torch.Tensor:
-    """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)`: the output `(B, Lq, H, D)`.
-
-    With `plan.own_kernels` (the CPU, no attention dropout), plain batched matmuls beat torch's fused kernel in half
-    precision, and in float32 where only the query needs a gradient (the fused kernel's backward computes all three).
-    A self-attention whose `(Lq, Lk)` probabilities fit `KEPT_SCORES_BUDGET` (8 MiB in half precision: the latents'
-    own, never the inputs') keeps them for backward (`kept_probabilities_attention_forward`); anything else
-    keeps nothing of that size (`RecomputedAttention`). Otherwise torch's fused kernels, as the reference's sdpa path.
-    """
-    half = query.dtype in (torch.bfloat16, torch.float16)
-    only_query_gradient = query.requires_grad and not (key.requires_grad or value.requires_grad)
-    if plan.own_kernels and half and not attention.is_cross_attention:
-        if query.shape[:-1].numel() * key.shape[-2] <= KEPT_SCORES_BUDGET:  # B * H * Lq * Lk
-            return kept_probabilities_attention_forward(query * attention.scaling, key, value, padding_mask)
-    if plan.own_kernels and (half or only_query_gradient):
+def attend(attention, kernel: Kernel, query, key, value, padding_mask) -> torch.Tensor:
+    """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)` through `kernel`: `(B, Lq, H, D)`."""
+    if kernel is Kernel.KEPT:
+        return kept_probabilities_attention_forward(query * attention.scaling, key, value, padding_mask)
+    if kernel is Kernel.RECOMPUTED:
         attn_output = RecomputedAttention.apply(query, key, value, padding_mask, attention.scaling)
         return attn_output.transpose(1, 2)  # (B, Lq, H, D)
     dropout = attention.attention_dropout if attention.training else 0.0
@@ -349,9 +615,23 @@ def kept_probabilities_attention_forward(scaled_query, key, value, padding_mask)
 def masked_softmax(scores: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
     """Softmax over the last axis of `scores` with a boolean mask (True = attend), in the scores' dtype. Safe in half
     precision: torch's softmax subtracts the row maximum and accumulates half precision in float32."""
-    if padding_mask is not None:
-        scores = scores.masked_fill(~padding_mask, torch.finfo(scores.dtype).min)
-    return scores.softmax(dim=-1)
+    return _masked(scores, padding_mask).softmax(dim=-1)
+
+
+def _masked(scores: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    if padding_mask is None:
+        return scores
+    return scores.masked_fill(~padding_mask, torch.finfo(scores.dtype).min)
+
+
+def softmax_with_backward(scores: torch.Tensor, padding_mask: torch.Tensor | None):
+    """`(probabilities, backward)`: `masked_softmax(scores, padding_mask)` and the function that takes the
+    probabilities' gradient to the scores' (autograd's softmax backward, `p * (g - sum(g * p))` in one kernel). The
+    masked scores' gradient is zero either way (their probabilities are), so the mask stays out of the graph."""
+    with torch.enable_grad():
+        leaf = _masked(scores, padding_mask).detach().requires_grad_()
+        probabilities = leaf.softmax(dim=-1)
+    return probabilities, lambda grad: torch.autograd.grad(probabilities, leaf, grad)[0]
 
 
 def attention_probabilities(scaled_query, key, padding_mask) -> torch.Tensor:
@@ -374,7 +654,7 @@ def shared_query_attention(attention, hidden_states, key: "FactoredProjection", 
     return attention.o_proj(attn_output.transpose(1, 2).flatten(2))  # (B, N, dim)
 
 
-def grid_attention(attention, plan: FastPlan, hidden_states, key: "FactoredProjection", value: "FactoredProjection",
+def grid_attention(attention, kernel: Kernel, hidden_states, key: "FactoredProjection", value: "FactoredProjection",
                    padding_mask) -> torch.Tensor:  # fmt: skip
     """`cross_attention` to keys and values factored from the Fourier features of a grid. Both are linear in the same
     `(B, M, r)` features, `K = F W_k^T` and `V = F W_v^T` (`FactoredProjection.grid_features`, the biases in a column
@@ -384,13 +664,12 @@ def grid_attention(attention, plan: FastPlan, hidden_states, key: "FactoredProje
     query = split_heads(attention, attention.q_proj(hidden_states))  # (B, H, N, D)
     query = query @ key.grid_weight().view(heads, head_dim, -1)  # (B, H, N, r)
     features = key.grid_features(query.dtype)[:, None].expand(-1, heads, -1, -1)  # (B, H, M, r)
-    attn_output = attend(attention, plan, query, features, features, padding_mask)  # (B, N, H, r)
+    attn_output = attend(attention, kernel, query, features, features, padding_mask)  # (B, N, H, r)
     value_weight = value.grid_weight().view(heads, head_dim, -1)  # (H, D, r)
     attn_output = torch.einsum("bnhr,hdr->bnhd", attn_output, value_weight)  # (B, N, H, D)
     return attention.o_proj(attn_output.flatten(2))  # (B, N, dim)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
 # Autograd functions and factored projections
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -403,7 +682,8 @@ class RecomputedAttention(torch.autograd.Function):
     blocks do not), at the price of one extra `Q K^T` product in the backward pass. Its backward computes only the
     gradients asked for (the fused kernel's computes all three), which makes it the faster one in float32 too where the
     keys and values need none. The softmax and its gradient stay in the inputs' dtype: torch's CPU kernels accumulate
-    half precision in float32."""
+    half precision in float32. Where it pays in float32: `benchmarks/autograd-functions-cpu.md`, row "query-only
+    attention"."""
 
     SCORES_BUDGET = 1 << 21  # blocks of this many scores: large products, transients of a few MiB
 
@@ -427,12 +707,12 @@ class RecomputedAttention(torch.autograd.Function):
         )  # only those asked for: keys and values of the inputs alone need none
         for rows, batch, mask in _score_blocks(*query.shape[:3], key.shape[2], attention_mask):
             query_block, grad = query[batch, :, rows], grad_output[batch, :, rows]  # (b, H, n, D), (b, H, n, Dv)
-            probs = attention_probabilities(query_block, key[batch], mask)  # (b, H, n, Lk)
+            scores = torch.matmul(query_block, key[batch].transpose(-1, -2))  # (b, H, n, Lk)
+            probs, softmax_backward = softmax_with_backward(scores, mask)
             later_rows = rows.start > 0  # the keys' and values' gradients sum over the blocks of rows
             if grad_value is not None:
                 _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=later_rows)
-            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, Lk)
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_scores = softmax_backward(torch.matmul(grad, value[batch].transpose(-1, -2)))  # (b, H, n, Lk)
             if grad_query is not None:
                 _matmul_into(grad_query[batch, :, rows], grad_scores, key[batch])
             if grad_key is not None:
@@ -447,7 +727,8 @@ class RecomputedActivationMLP(torch.autograd.Function):
     (the largest the latent layers keep). The activation's gradient is autograd's own, through the module, so any
     activation (a gated one too: `act` is `PerceiverLiteMLP.activate`) gets exactly its gradient. Under autocast
     (`dtype`: its dtype, `x` already cast) the products run in that dtype as autocast's would; the parameters are
-    cast again in backward rather than kept in two dtypes, and their gradients come back in their own dtype."""
+    cast again in backward rather than kept in two dtypes, and their gradients come back in their own dtype. Where it
+    pays (memory, at the module's speed): `benchmarks/autograd-functions-cpu.md`, row "feed-forward"."""
 
     @staticmethod
     def forward(ctx, act, dtype, hidden_states, weight_1, bias_1, weight_2, bias_2):
@@ -528,7 +809,8 @@ class SharedQueryAttention(torch.autograd.Function):
 
     Inputs: `query_data` `(H, N, C + 1)` and `query_positions` `(H, N, F)`, the scaled query times `W_x` and `W_p`;
     `data` `(B, M, C + 1)`, `positions` `(M, F)`, `rstd` `(B, M)` and `key_bias`; `value` `(B, H, M, Dv)`; a key padding
-    `attention_mask` `(B, 1, 1, M)` or None. Output `(B, H, N, Dv)`.
+    `attention_mask` `(B, 1, 1, M)` or None. Output `(B, H, N, Dv)`. Where it pays:
+    `benchmarks/autograd-functions-cpu.md`, row "shared-query cross-attend".
     """
 
     @staticmethod
@@ -536,10 +818,10 @@ class SharedQueryAttention(torch.autograd.Function):
         ctx.save_for_backward(query_data, query_positions, data, positions, rstd, value, attention_mask)
         ctx.key_bias_meta = key_bias.shape, key_bias.dtype
         output = value.new_empty(len(value), *query_data.shape[:2], value.shape[-1])  # (B, H, N, Dv)
-        probabilities = SharedQueryAttention.probabilities
+        scores = SharedQueryAttention.scores
         blocks = SharedQueryAttention.blocks(query_positions, positions, len(value), attention_mask)
         for rows, shared_scores, batch, mask in blocks:
-            probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
+            probs = masked_softmax(scores(query_data[:, rows], shared_scores, data[batch], rstd[batch]), mask)
             _matmul_into(output[batch, :, rows], probs, value[batch])  # (b, H, n, Dv)
         return output
 
@@ -553,9 +835,9 @@ class SharedQueryAttention(torch.autograd.Function):
             yield rows, shared_scores, batch, mask
 
     @staticmethod
-    def probabilities(query_data, shared_scores, data, rstd, attention_mask):
+    def scores(query_data, shared_scores, data, rstd):
         scores = torch.matmul(query_data, data[:, None].transpose(-1, -2))  # (b, H, n, M)
-        return masked_softmax(scores.addcmul_(shared_scores, rstd[:, None, None, :]), attention_mask)
+        return scores.addcmul_(shared_scores, rstd[:, None, None, :])
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -568,16 +850,16 @@ class SharedQueryAttention(torch.autograd.Function):
         grad_data = torch.zeros_like(data) if needs_data else None
         grad_rstd = torch.zeros_like(rstd) if needs_rstd else None
         grad_value = torch.empty_like(value)
-        probabilities, grad_shared = SharedQueryAttention.probabilities, None
+        scores, grad_shared = SharedQueryAttention.scores, None
         blocks = SharedQueryAttention.blocks(query_positions, positions, len(value), attention_mask)
         for rows, shared_scores, batch, mask in blocks:
             if batch.start == 0:  # a new block of rows: its shared scores' gradient sums over the batch
                 grad_shared = torch.zeros(shared_scores.shape, dtype=accumulate, device=shared_scores.device)
-            probs = probabilities(query_data[:, rows], shared_scores, data[batch], rstd[batch], mask)  # (b, H, n, M)
+            block_scores = scores(query_data[:, rows], shared_scores, data[batch], rstd[batch])  # (b, H, n, M)
+            probs, softmax_backward = softmax_with_backward(block_scores, mask)
             grad = grad_output[batch, :, rows]  # (b, H, n, Dv)
             _matmul_into(grad_value[batch], probs.transpose(-1, -2), grad, accumulate=rows.start > 0)
-            grad_probs = torch.matmul(grad, value[batch].transpose(-1, -2))  # (b, H, n, M)
-            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            grad_scores = softmax_backward(torch.matmul(grad, value[batch].transpose(-1, -2)))  # (b, H, n, M)
             grad_query_data[:, rows] += torch.matmul(grad_scores, data[batch, None]).sum(0)  # (H, n, C + 1)
             for sample_grad, sample_rstd in zip(grad_scores, rstd[batch]):
                 grad_shared.addcmul_(sample_grad, sample_rstd)  # (H, n, M)
@@ -603,8 +885,11 @@ class SharedQueryAttention(torch.autograd.Function):
         )
 
 
-def _round_up(number: int, multiple: int) -> int:
-    return -(-number // multiple) * multiple
+def grid_width(channels: int, grid: tuple[int, ...]) -> int:
+    """The width `r` of the grid features (`FactoredProjection.grid_features`) of `channels` data channels on `grid`:
+    the data, their mean correction, a one-hot column per grid line and a column of ones, rounded up to a multiple of
+    8 (the head sizes fused kernels take)."""
+    return -(-(channels + 1 + sum(grid) + 1) // 8) * 8
 
 
 def _cat_padded(columns: list[torch.Tensor], width: int) -> torch.Tensor:
@@ -643,7 +928,7 @@ class FactoredProjection:
     @property
     def grid_width(self) -> int:
         """The width `r` of `grid_features()`."""
-        return _round_up(self.data.shape[-1] + sum(self.grid) + 1, 8)
+        return grid_width(self.data.shape[-1] - 1, self.grid)
 
     def grid_features(self, dtype: torch.dtype) -> torch.Tensor:
         """The inputs as the `(B, M, r)` features that the projection is linear in, for positions of a grid:

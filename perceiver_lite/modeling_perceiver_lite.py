@@ -3,8 +3,8 @@ transformers model.
 
 This file is the reference model, the paper's math step by step through transformers' attention interface (`eager` or
 `sdpa`). The fast paths in `fast_perceiver_lite.py` are exact rewrites of it that read the same weights; one decision
-per forward (`fast_plan`) runs them where they are exact, and this file's modules otherwise (PEFT adapters, wrapped or
-quantised modules, hooks, export and tracing, `config.use_fast_paths=False` or `attn_implementation="eager"`).
+per forward (`fast_plan`) runs them where they are proven exact (an allow-list: the classes marked
+`@served_by_fast_paths`, the config fields it knows, listed devices and dtypes), and this file's modules otherwise.
 """
 
 import math
@@ -32,7 +32,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
-from .fast_perceiver_lite import decode, encode, fast_plan, perceiver_layer
+from .fast_perceiver_lite import decode, encode, fast_plan, perceiver_layer, served_by_fast_paths
 from .validation_perceiver_lite import check_grid, check_labels, check_mask, check_tensor, check_token_ids, is_tracing
 
 
@@ -53,6 +53,7 @@ def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@served_by_fast_paths
 class PerceiverLiteFourierFeatures(nn.Module):
     """Fourier position features: per axis, coordinates `x` in [-1, 1] and `[x, sin(pi f x), cos(pi f x)]` over the
     bands `f`; the axes' features are concatenated, `axes * (2 * num_bands + 1)` channels per position.
@@ -115,6 +116,7 @@ class PerceiverLiteFourierFeatures(nn.Module):
         return torch.cat(per_axis, dim=-1).flatten(len(lead), -2)  # (..., M, axes * K)
 
 
+@served_by_fast_paths
 class PerceiverLiteEmbeddings(nn.Module):
     """Channel-first inputs `(B, C, *axes)` to the cross-attention's inputs `(B, M, C + F)`: per element its data
     channels (through `input_projection` where configured), then its position features, concatenated (or added, with
@@ -204,6 +206,7 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+@served_by_fast_paths
 class PerceiverLiteAttention(nn.Module):
     """Multi-head attention, not causal, of one of three kinds (a structural switch):
 
@@ -268,6 +271,7 @@ class PerceiverLiteAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+@served_by_fast_paths
 class PerceiverLiteMLP(nn.Module):
     """The feed-forward of a `"self"` (latent), `"cross"` (cross-attend) or `"decoder"` layer: `fc1`, activation,
     `fc2`, dropout; hidden width `ff_dim` / `cross_ff_dim` / `decoder_dim * decoder_ff_dim_scale`. With
@@ -299,6 +303,7 @@ class PerceiverLiteMLP(nn.Module):
         return self.dropout(self.fc2(self.activate(self.fc1(hidden_states))))
 
 
+@served_by_fast_paths
 class PerceiverLiteLayer(GradientCheckpointingLayer):
     """Optional self-attention, optional cross-attention, then an optional feed-forward; each a residual sublayer with
     its LayerNorm before (`pre_norm`) or after the residual sum.
@@ -364,6 +369,7 @@ class PerceiverLiteLayer(GradientCheckpointingLayer):
         return hidden_states if self.pre_norm else norm(hidden_states)
 
 
+@served_by_fast_paths
 class PerceiverLiteBlock(nn.Module):
     """A cross-attend from the latents to the inputs (where `cross_attend`), then `num_self_attention_layers` latent
     self-attention layers (also importable as `PerceiverBlock`). Running a block again (a repeated index in
@@ -387,6 +393,7 @@ class PerceiverLiteBlock(nn.Module):
 PerceiverBlock = PerceiverLiteBlock
 
 
+@served_by_fast_paths
 class PerceiverLayer(nn.Module):
     """A standalone Perceiver layer stack: `depth` x (self-attention on `q`; cross-attention from `q` to the concatenation of
     `k` and `v` along the sequence; feed-forward), pre-norm with residuals. The output has `q`'s shape.
@@ -448,7 +455,7 @@ class PerceiverLayer(nn.Module):
         mask = self._check_inputs(q, k, v, mask)
         q = q.to(self.dtype)
         context = torch.cat([k, v], dim=1).to(self.dtype)  # (B, Lk + Lv, dim)
-        plan = fast_plan(self, q.device)
+        plan = fast_plan(self, context, mask, queries=q)
         if plan is not None:
             return perceiver_layer(self, plan, q, context, mask)
         for layer in self.layers:
@@ -478,6 +485,7 @@ class PerceiverLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@served_by_fast_paths
 class PerceiverLiteDecoder(nn.Module):
     """Perceiver IO's decoder (Jaegle et al., 2021b): output queries cross-attend to the final latents, one output of
     width `decoder_dim` per query, through a `PerceiverLiteLayer` (`decoder=True`: query LayerNorm, cross-attention,
@@ -530,7 +538,7 @@ class PerceiverLiteDecoder(nn.Module):
             data = gather_rows(inputs.flatten(2).transpose(1, 2), query_index)  # (B, M or K, C)
             queries = queries + self.input_proj(data.to(self.input_proj.weight.dtype))  # (B, M or K, decoder_dim)
         if not output_attentions:
-            plan = fast_plan(self, latents.device)
+            plan = fast_plan(self, latents, queries=queries, kwargs=kwargs)
             outputs = self.layer(queries, latents, **kwargs) if plan is None else decode(self, plan, queries, latents)
             return outputs, None
         weights = []
@@ -653,6 +661,7 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
                 init.copy_(norm.weight, gain)
 
 
+@served_by_fast_paths
 class PerceiverLiteModel(PerceiverLitePreTrainedModel):
     """A learned latent array that cross-attends to the inputs and refines itself, block by block in `layers_indice`
     order. Returns the latents (`last_hidden_state`, `(B, N, dim)`) and their mean (`pooler_output`, `(B, dim)`)."""
@@ -696,7 +705,7 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         if attention_mask is not None:
             attention_mask = attention_mask.reshape(reference.shape[0], -1).bool()  # (B, M)
         padding_mask = None if attention_mask is None else key_padding_mask(attention_mask)  # (B, 1, 1, M)
-        plan = fast_plan(self, reference.device)
+        plan = fast_plan(self, reference, attention_mask, embedded=inputs_embeds is not None, kwargs=kwargs)
         if plan is not None:
             latents = encode(self, plan, inputs, inputs_embeds, attention_mask, padding_mask)
         else:

@@ -9,10 +9,11 @@ import pickle
 
 import pytest
 import torch
-from conftest import count_reference_attention
+from conftest import PerceiverLiteModelTester, count_reference_attention
 from torch import nn
+from transformers.activations import ACT2FN
 
-from perceiver_lite import PerceiverLayer, PerceiverLiteConfig, PerceiverLiteModel
+from perceiver_lite import PerceiverLayer, PerceiverLiteConfig, PerceiverLiteForMaskedLM, PerceiverLiteModel
 from perceiver_lite import fast_perceiver_lite as fast
 from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
@@ -23,13 +24,15 @@ from perceiver_lite.modeling_perceiver_lite import (
 )
 
 
-CPU = torch.device("cpu")
-
-
 def make_model(config, attn_implementation="sdpa"):
     model = PerceiverLiteModel(config).eval()
     model.set_attn_implementation(attn_implementation)
     return model
+
+
+def plan_of(model, batch_size=3, **kwargs):
+    """`fast_plan` for a forward of the tiny `model` on CPU inputs of its nominal shape."""
+    return fast.fast_plan(model, torch.zeros(batch_size, *model.config.data_shape), **kwargs)
 
 
 def padding_mask(batch_size=3, spatial_shape=(8, 8)):
@@ -160,9 +163,8 @@ def test_fast_paths_equal_the_reference_with_encoder_options(model_tester, optio
 def test_fast_plan_steps_aside_for_unequal_value_widths(model_tester):
     """Keys and values of other widths than the queries' have no fused or factored route: the reference runs."""
     for overrides in (dict(v_channels=64), dict(cross_v_channels=16)):
-        model = make_model(model_tester.get_config(**overrides))
-        assert fast.fast_plan(model, CPU) is None
-    assert fast.fast_plan(make_model(model_tester.get_config(qk_channels=16, v_channels=16)), CPU) is not None
+        assert plan_of(make_model(model_tester.get_config(**overrides))) is None
+    assert plan_of(make_model(model_tester.get_config(qk_channels=16, v_channels=16))) is not None
 
 
 @pytest.mark.parametrize("mask_shape", [None, "keys", "queries-and-keys"])
@@ -249,6 +251,11 @@ def watch(model, case: str):
         attention._hf_hook = object()  # accelerate's offloading marks the modules it moves weights for
     elif case == "global-hook":
         return nn.modules.module.register_module_forward_hook(lambda module, args, output: None)
+    elif case == "instance-forward":
+        mlp = model.blocks[0].layers[0].mlp
+        mlp.forward = lambda hidden_states: PerceiverLiteMLP.forward(mlp, hidden_states) * 2
+    elif case == "unserved-activation":
+        model.blocks[0].layers[0].mlp.act = ACT2FN["gelu_new"]
     return None
 
 
@@ -266,6 +273,8 @@ STEP_ASIDE_CASES = [
     "backward-hook",
     "accelerate-hook",
     "global-hook",
+    "instance-forward",
+    "unserved-activation",
 ]
 
 
@@ -275,10 +284,10 @@ def test_fast_paths_step_aside_for_what_they_cannot_read(model_tester, case, mon
     asks for the reference, `fast_plan` returns None and the reference modules run: the model's output is that of the
     modules as they are (here, of the reference copy given the same change)."""
     model = make_model(model_tester.get_config())
-    assert fast.fast_plan(model, CPU) is not None
+    assert plan_of(model) is not None
     handle = watch(model, case)
     try:
-        assert fast.fast_plan(model, CPU) is None
+        assert plan_of(model) is None
         reference = copy.deepcopy(model)
         reference.config.use_fast_paths = False
         inputs = model_tester.prepare_inputs()
@@ -294,10 +303,10 @@ def test_fast_paths_step_aside_for_what_they_cannot_read(model_tester, case, mon
 def test_fast_paths_step_aside_on_the_meta_device_and_under_tracing(model_tester, monkeypatch):
     config = model_tester.get_config()
     with torch.device("meta"):
-        assert fast.fast_plan(make_model(config), CPU) is None
+        assert plan_of(make_model(config)) is None
     model = make_model(config)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what torch.export and torch.compile report
-    assert fast.fast_plan(model, CPU) is None
+    assert plan_of(model) is None
 
 
 def test_recording_outputs_runs_the_reference_and_leaves_the_fast_paths_on(model_tester, monkeypatch):
@@ -313,7 +322,141 @@ def test_recording_outputs_runs_the_reference_and_leaves_the_fast_paths_on(model
     torch.testing.assert_close(outputs.last_hidden_state, expected, rtol=1e-5, atol=1e-6)
     calls.clear()
     torch.testing.assert_close(model(inputs).last_hidden_state, expected, rtol=0, atol=0)
-    assert calls == [] and fast.fast_plan(model, CPU) is not None
+    assert calls == [] and plan_of(model) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The allow-lists
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_config_field_has_a_fast_path_decision():
+    """Each field of `PerceiverLiteConfig` is served, served for some values, or irrelevant to the fast paths
+    (`CONFIG_DECISIONS`): a new option cannot be silently ignored by them. A field added without a decision (here by a
+    config subclass, as a new model's options would be) makes the reference run."""
+    fields = fast.config_fields(PerceiverLiteConfig)
+    assert {"dim", "hidden_act", "use_fast_paths", "sparse_prediction"} <= set(fields)
+    assert "output_hidden_states" not in fields  # transformers' own fields: read by the recording check
+    missing = sorted(set(fields) - set(fast.CONFIG_DECISIONS))
+    assert not missing, f"record whether the fast paths serve these config fields in CONFIG_DECISIONS: {missing}"
+    assert not set(fast.CONFIG_DECISIONS) - set(fields), "CONFIG_DECISIONS names fields the config no longer has"
+    for name, decision in fast.CONFIG_DECISIONS.items():
+        assert decision in (fast.SERVED, fast.IRRELEVANT) or callable(decision), name
+
+    class CausalConfig(PerceiverLiteConfig):
+        causal: bool = False
+
+    assert "causal" in fast.config_fields(CausalConfig)
+    config = CausalConfig(**PerceiverLiteModelTester().get_config().to_diff_dict())
+    config._attn_implementation = "sdpa"
+    assert plan_of(make_model(config)) is None
+
+
+def doubled(module_class):
+    """A subclass of `module_class` whose forward doubles its output (as an untested variant would change it)."""
+
+    def forward(self, *args, **kwargs):
+        output = module_class.forward(self, *args, **kwargs)
+        return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
+
+    return type(f"Doubled{module_class.__name__}", (module_class,), {"forward": forward})
+
+
+@pytest.mark.parametrize("part", ["self-attention", "cross-attention", "feed-forward", "decoder-attention"])
+def test_fast_paths_step_aside_for_a_subclass_of_a_package_module(model_tester, part):
+    """A subclass of `PerceiverLiteAttention` (self, cross or the decoder's) or `PerceiverLiteMLP` computes what its
+    forward says: the default forward equals the reference's, which differs from the unchanged model's."""
+    model = PerceiverLiteForMaskedLM(model_tester.get_config(data_shape=[8, 12], vocab_size=20, decoder_dim=8)).eval()
+    model.set_attn_implementation("sdpa")
+    input_ids = torch.randint(0, 20, (3, 12))
+    unchanged = model(input_ids).logits
+    layer = model.perceiver.blocks[1].layers[0]
+    module = {
+        "self-attention": layer.self_attention,
+        "cross-attention": model.perceiver.blocks[0].cross_layer.cross_attention,
+        "feed-forward": layer.mlp,
+        "decoder-attention": model.decoder.layer.cross_attention,
+    }[part]
+    module.__class__ = doubled(type(module))
+    output = model(input_ids).logits
+    model.config.use_fast_paths = False
+    expected = model(input_ids).logits
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)  # the other parts may run the fast paths
+    assert not torch.allclose(expected, unchanged, rtol=1e-2, atol=1e-3)
+
+
+def test_fast_paths_serve_dropout_with_the_reference_random_numbers(model_tester):
+    """Attention and feed-forward dropout in training draw the same random numbers as the reference."""
+    model = make_model(model_tester.get_config(ff_dropout=0.3, attention_dropout=0.3)).train()
+    inputs = model_tester.prepare_inputs()
+    assert plan_of(model).latent_layer.self_attention is fast.Kernel.SDPA  # torch's kernel draws the dropout
+
+    def run(use_fast_paths: bool):
+        model.config.use_fast_paths = use_fast_paths
+        torch.manual_seed(1)
+        return forward_and_gradients(model, inputs)
+
+    fast_output, fast_grads = run(use_fast_paths=True)
+    expected, expected_grads = run(use_fast_paths=False)
+    torch.testing.assert_close(fast_output, expected, rtol=1e-4, atol=1e-5)
+    assert_close_gradients(fast_grads, expected_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_fast_paths_step_aside_for_unlisted_dtypes_kwargs_and_partial_checkpointing(model_tester):
+    model = make_model(model_tester.get_config())
+    assert plan_of(model) is not None and plan_of(model, kwargs={"output_hidden_states": False}) is not None
+    assert plan_of(model, kwargs={"is_causal": True}) is None  # an argument the fast paths would not pass on
+    assert plan_of(model, kwargs={"output_attentions": True}) is None
+    assert plan_of(copy.deepcopy(model).to(torch.float16)) is None
+    assert plan_of(copy.deepcopy(model).to(torch.float64)) is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert plan_of(model) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plan_of(model).autocast is torch.bfloat16
+    model.train().blocks[1].layers[0].gradient_checkpointing = True  # one layer alone
+    assert plan_of(model) is None
+    model.activation_checkpointing_enable()
+    assert plan_of(model).checkpointing
+
+
+def test_gpu_routes_follow_the_gpu_benchmarks(model_tester):
+    """On a CUDA device (decided here without one) the encoder's fast paths serve only as large an input as the GPU
+    run where they were faster (32 images of 224 x 224), in bfloat16, or in float32 without gradients; never the
+    decoder or `PerceiverLayer`. On the CPU they serve all."""
+    model = make_model(model_tester.get_config())
+    large, small = 32 * 224 * 224, 8 * 64 * 64
+    assert fast.faster_on_cuda(model, torch.bfloat16, needs_grad=True, input_elements=large)
+    assert fast.faster_on_cuda(model, torch.float32, needs_grad=False, input_elements=large)
+    assert not fast.faster_on_cuda(model, torch.float32, needs_grad=True, input_elements=large)
+    for dtype, needs_grad in [(torch.bfloat16, True), (torch.float32, False), (torch.bfloat16, False)]:
+        assert not fast.faster_on_cuda(model, dtype, needs_grad, input_elements=small)
+    layer = PerceiverLayer(32, 4, 2, 8)
+    decoder = PerceiverLiteForMaskedLM(model_tester.get_config(data_shape=[8, 12], decoder_dim=8)).decoder
+    for module in (layer, decoder):
+        assert not fast.faster_on_cuda(module, torch.bfloat16, needs_grad=False, input_elements=large)
+    assert fast.DEVICES == ("cpu", "cuda")  # mps, xpu...: no fast path proven there
+
+
+def test_the_plan_records_every_route(model_tester):
+    """One plan for the forward: the first cross-attend's query shared by the batch, the cross-attends on grid
+    features narrower than a head (matmul attention: only the query needs a gradient), materialised keys and values
+    under padding or checkpointing, and the feed-forward by autograd's state."""
+    model = make_model(model_tester.get_config(cross_heads=1, layers_indice=[0, 1, 1])).train()
+    plan = plan_of(model)
+    assert [route.key_values for route in plan.cross_layers] == [fast.KeyValues.GRID] * 3
+    assert [route.shared_query for route in plan.cross_layers] == [True, False, False]
+    assert plan.cross_layers[0].cross_attention is fast.Kernel.RECOMPUTED and plan.factored_inputs
+    assert plan.latent_layer == fast.LayerRoute(self_attention=fast.Kernel.SDPA, feed_forward=fast.FeedForward.MODULE)
+    masked = plan_of(model, attention_mask=padding_mask().flatten(1))
+    assert masked.padded and {route.key_values for route in masked.cross_layers} == {fast.KeyValues.TENSORS}
+    assert not plan_of(model, attention_mask=torch.ones(3, 64, dtype=torch.bool)).padded
+    wide = make_model(model_tester.get_config(cross_heads=2))  # features wider than a head: the shared query's route
+    assert [route.key_values for route in plan_of(wide).cross_layers] == [
+        fast.KeyValues.SHARED_QUERY, fast.KeyValues.TENSORS, fast.KeyValues.TENSORS]  # fmt: skip
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert plan_of(model).latent_layer.self_attention is fast.Kernel.KEPT
+    model.activation_checkpointing_enable()
+    assert {route.key_values for route in plan_of(model).cross_layers} == {fast.KeyValues.TENSORS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -391,9 +534,9 @@ def test_fast_paths_keep_no_cross_attention_matrix_for_backward(model_tester, au
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("own_kernels", [True, False], ids=["matmul-attention", "fused-kernel"])
+@pytest.mark.parametrize("kernel", list(fast.Kernel), ids=lambda kernel: kernel.name)
 @pytest.mark.parametrize("is_cross_attention", [True, False], ids=["cross", "self"])
-def test_half_precision_attention_is_safe(model_tester, own_kernels, is_cross_attention, dtype):
+def test_half_precision_attention_is_safe(model_tester, kernel, is_cross_attention, dtype):
     """Half-precision `attend`: finite convex combinations of the values for logits far beyond the half-precision range
     of `exp`, on each of its routes."""
     config = model_tester.get_config()
@@ -401,7 +544,7 @@ def test_half_precision_attention_is_safe(model_tester, own_kernels, is_cross_at
     heads = attention.num_heads
     query = torch.randn(2, heads, 6, 8, dtype=dtype) * 40  # logits in the thousands: exp overflows
     key, value = torch.randn(2, heads, 10, 8, dtype=dtype) * 40, torch.randn(2, heads, 10, 8, dtype=dtype)
-    output = fast.attend(attention, fast.FastPlan(own_kernels, False), query, key, value, None).transpose(1, 2)
+    output = fast.attend(attention, kernel, query, key, value, None).transpose(1, 2)
     assert torch.isfinite(output).all()
     low, high = value.amin(dim=2, keepdim=True), value.amax(dim=2, keepdim=True)  # (B, H, 1, D)
     assert ((output >= low - 1e-2) & (output <= high + 1e-2)).all()
@@ -483,9 +626,9 @@ def test_self_attention_single_product_matches_the_reference(model_tester):
     attention = PerceiverLiteAttention(config).eval()
     hidden_states = torch.randn(2, 6, config.dim)
     expected, _ = attention(hidden_states)
-    for own_kernels in (True, False):
-        output = fast.self_attention(attention, fast.FastPlan(own_kernels, False), hidden_states)
-        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    for kernel in fast.Kernel:
+        output = fast.self_attention(attention, kernel, hidden_states)
+        torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6, msg=kernel.name)
 
 
 @pytest.mark.parametrize(
@@ -578,9 +721,9 @@ def count_grid_attention(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("grid", [(6,), (4, 5), (2, 3, 4)], ids=["1-D", "2-D", "3-D"])
-@pytest.mark.parametrize("own_kernels", [True, False], ids=["matmul-attention", "fused-kernel"])
+@pytest.mark.parametrize("kernel", [fast.Kernel.RECOMPUTED, fast.Kernel.SDPA], ids=["matmul-attention", "fused-kernel"])
 @pytest.mark.parametrize("case", ["plain", "masked", "data-gradient", "one-row-one-sample"])
-def test_grid_attention_matches_the_reference(grid, own_kernels, case, monkeypatch):
+def test_grid_attention_matches_the_reference(grid, kernel, case, monkeypatch):
     """For the Fourier features of a grid, attention to the grid features (`grid_attention`) equals the reference
     attention to the concatenated inputs, forward and backward (every parameter, the queries, and the data where it
     needs a gradient), with a key padding mask, on both attention routes, in any blocks of query rows and samples."""
@@ -599,8 +742,8 @@ def test_grid_attention_matches_the_reference(grid, own_kernels, case, monkeypat
         return output, torch.autograd.grad(output, inputs, torch.ones_like(output) + output.detach())
 
     key, value = fast.project_inputs(attention, data, positions, grid)
-    plan = fast.FastPlan(own_kernels=own_kernels, checkpointing=False)
-    output, grads = with_gradients(fast.cross_attention(attention, plan, hidden_states, key, value, mask))
+    route = fast.LayerRoute(key_values=fast.KeyValues.GRID, cross_attention=kernel)
+    output, grads = with_gradients(fast.cross_attention(attention, route, hidden_states, key, value, mask))
     assert calls == [1]
     concatenated = torch.cat([data, positions.expand(3, -1, -1)], dim=-1)  # (B, M, C + F)
     expected, expected_grads = with_gradients(attention(hidden_states, concatenated, mask)[0])
@@ -635,20 +778,19 @@ def test_grid_attention_serves_cross_attends_to_grid_features_narrower_than_a_he
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("masked", [False, True], ids=["grid-features", "per-sample-positions"])
 def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dtype, masked, monkeypatch):
-    """Off the CPU every attention takes torch's fused kernels (`FastPlan.own_kernels` is False): the cross-attends to
+    """Off the CPU every attention takes torch's fused kernels (not in `OWN_KERNEL_DEVICES`): the cross-attends to
     the grid features (expanded along the heads, stride 0) and to per-sample positions included. Run here on the CPU's
     fused kernels, that plan gives the outputs and gradients of the CPU's own attention functions."""
     model = make_model(model_tester.get_config(cross_heads=1)).train()
     inputs, mask = model_tester.prepare_inputs(), padding_mask() if masked else None
-    plan, sdpa = fast.fast_plan, nn.functional.scaled_dot_product_attention
+    sdpa = nn.functional.scaled_dot_product_attention
     fused_calls = []
     monkeypatch.setattr(
         nn.functional, "scaled_dot_product_attention", lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k)
     )
 
     def run(fused: bool):
-        own_kernels = lambda *a: dataclasses.replace(plan(*a), own_kernels=False) if fused else plan(*a)  # noqa: E731
-        monkeypatch.setattr(modeling, "fast_plan", own_kernels)
+        monkeypatch.setattr(fast, "OWN_KERNEL_DEVICES", () if fused else ("cpu",))
         fused_calls.clear()
         return forward_and_gradients(model, inputs, mask, autocast_dtype)
 
@@ -660,11 +802,11 @@ def test_fused_kernels_as_on_a_gpu_match_the_cpu_paths(model_tester, autocast_dt
     assert_close_gradients(fused_grads, fast_grads, **tolerance)
 
 
-@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
+@pytest.mark.parametrize("hidden_act", fast.SERVED_ACTIVATIONS)
 def test_feed_forward_activation_in_place_only_where_autograd_keeps_no_input(model_tester, hidden_act, monkeypatch):
-    """Without gradients the fast feed-forward applies its activation in place, with the output of the module; where
-    autograd needs the activation's input, the module itself runs. The module still pickles (`torch.save` of a whole
-    model, `copy.deepcopy`)."""
+    """Every served activation has an in-place form with the output of the module (the module still pickles:
+    `torch.save` of a whole model, `copy.deepcopy`); the plan applies it where autograd records nothing, and not where
+    autograd needs the activation's input, nor for a gated feed-forward."""
     mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act))
     hidden_states = torch.randn(3, 5, model_tester.dim)
     expected = mlp(hidden_states)
@@ -674,10 +816,13 @@ def test_feed_forward_activation_in_place_only_where_autograd_keeps_no_input(mod
     act_calls = []
     monkeypatch.setattr(fast, "in_place_activation", lambda act: lambda x: act_calls.append(1) or in_place(x))
     with torch.no_grad():
-        torch.testing.assert_close(fast.mlp(mlp, hidden_states), expected, rtol=0, atol=0)
+        torch.testing.assert_close(fast.mlp(mlp, fast.FeedForward.IN_PLACE, None, hidden_states), expected, rtol=0, atol=0)
     assert act_calls == [1]
-    torch.testing.assert_close(fast.mlp(mlp, hidden_states), expected, rtol=0, atol=0)  # weights need gradients
-    assert act_calls == [1]
+    for gated in (False, True):
+        model = make_model(model_tester.get_config(hidden_act=hidden_act, gated_feed_forward=gated))
+        with torch.no_grad():
+            assert plan_of(model).latent_layer.feed_forward is (fast.FeedForward.MODULE if gated else fast.FeedForward.IN_PLACE)
+        assert plan_of(model).latent_layer.feed_forward is fast.FeedForward.MODULE  # weights need gradients
 
 
 def test_torch_compile_matches_eager_mode(model_tester):
@@ -708,13 +853,13 @@ def saved_for_backward(function, *args) -> list[torch.Size]:
 
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
-@pytest.mark.parametrize("hidden_act", ["gelu", "gelu_pytorch_tanh", "relu", "silu"])
+@pytest.mark.parametrize("hidden_act", fast.SERVED_ACTIVATIONS)
 def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_act, autocast_dtype, gated, monkeypatch):
-    """Under autograd the fast feed-forward gives the module's output and the gradients of its input and parameters,
-    and keeps one `(B, N, fc1 width)` tensor for backward where the module keeps two or more (the activation's input
-    and output; gated, the gates and values too); below `RECOMPUTE_MIN_ELEMENTS` the module itself runs."""
+    """Under autograd the recomputing feed-forward gives the module's output and the gradients of its input and
+    parameters, and keeps one `(B, N, fc1 width)` tensor for backward where the module keeps two or more (the
+    activation's input and output; gated, the gates and values too); the plan takes it from `RECOMPUTE_MIN_ELEMENTS`,
+    the module below."""
     mlp = PerceiverLiteMLP(model_tester.get_config(hidden_act=hidden_act, gated_feed_forward=gated))
-    monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features)
     hidden_states = torch.randn(3, 5, model_tester.dim, requires_grad=True)
     cotangent = torch.randn(3, 5, model_tester.dim)
 
@@ -725,12 +870,15 @@ def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_ac
         return output, grads, [s for s in saved if s.numel() // s[-1] == 3 * 5 and s[-1] >= mlp.fc2.in_features]
 
     expected, expected_grads, expected_saved = run(mlp)
-    output, grads, saved = run(functools.partial(fast.mlp, mlp))
+    output, grads, saved = run(functools.partial(fast.mlp, mlp, fast.FeedForward.RECOMPUTED, autocast_dtype))
     assert output.dtype == expected.dtype
     tolerance = dict(rtol=0, atol=0) if autocast_dtype is None else dict(rtol=0.02, atol=0.02)
     torch.testing.assert_close(output, expected, **tolerance)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, **(tolerance if autocast_dtype else dict(rtol=1e-5, atol=1e-6)))
     assert len(expected_saved) >= 2 and len(saved) == 1
+    routes = fast._Routes(mlp, own_kernels=True, half=False, needs_grad=True, checkpointing=False)
+    monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features)
+    assert routes.feed_forward(mlp, 3 * 5) is fast.FeedForward.RECOMPUTED
     monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features + 1)
-    assert len(run(functools.partial(fast.mlp, mlp))[2]) == len(expected_saved)  # a smaller output: the module runs
+    assert routes.feed_forward(mlp, 3 * 5) is fast.FeedForward.MODULE  # a smaller output: the module runs
