@@ -143,7 +143,10 @@ class PerceiverLiteConfig(PreTrainedConfig):
             (Perceiver IO and transformers' Perceiver classifiers).
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             `PerceiverLiteForMaskedLM`'s output projection shares the token embedding's weight (as transformers'
-            language Perceiver); this needs `decoder_dim == data_shape[0]`. `False` learns its own.
+            language Perceiver). Where `decoder_dim` is not the embedding's width `data_shape[0]`, the decoder's
+            outputs are first projected to that width (a linear layer, `hidden_act` and a LayerNorm, as ALBERT's
+            masked-LM head); where it is, they go straight to the tied projection. `False` learns its own projection
+            from the decoder's outputs.
         latent_initializer_range (`float`, *optional*):
             Standard deviation of the latent array's initialisation; `None` uses `initializer_range`. Small models
             learn faster from latents a few times larger than their weights (0.25 beside `initializer_range=0.07` at

@@ -744,6 +744,12 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
             check_mask("attention_mask", attention_mask, mask_shapes)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads. Each computes its logits and loss in its own `forward`, as transformers' heads do; what they share are the
+# plain functions below (input checks, the token data, the Perceiver IO encode-decode).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 class PerceiverLiteClassifier(nn.Module):
     """The classification heads' reading of the latents, by `classifier_pooling`: `"mean"`, the paper's LayerNorm and
     linear layer on their mean; `"decoder"`, one learned decoder query cross-attends to them (Perceiver IO) and a
@@ -763,74 +769,19 @@ class PerceiverLiteClassifier(nn.Module):
         return self.dense(decoded[:, 0])  # (B, num_labels)
 
 
-class PerceiverLiteClassificationMixin:
-    """Shared by the heads: the base model, the classifier, and the loss by `config.problem_type`."""
+class PerceiverLiteLMHeadTransform(nn.Module):
+    """`PerceiverLiteForMaskedLM`'s projection of the decoder's outputs to the token embedding's width, where the tied
+    `lm_head` (the embedding's weight) is narrower or wider than `decoder_dim`: a linear layer, the activation and a
+    LayerNorm, as ALBERT's masked-LM head before its tied decoder."""
 
-    def _build_classifier(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
-        self._build_base(config, one_dimensional)
-        self.classifier = PerceiverLiteClassifier(config)
+    def __init__(self, config: PerceiverLiteConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.decoder_width, config.data_shape[0])
+        self.act = ACT2FN[config.hidden_act]
+        self.norm = nn.LayerNorm(config.data_shape[0], eps=config.layer_norm_eps)
 
-    def _build_base(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
-        if one_dimensional and config.num_axes != 1:
-            raise ValueError(f"{type(self).__name__} needs a 1-D data_shape [C, T], got {config.data_shape}")
-        self.perceiver = PerceiverLiteModel(config)
-
-    def _check_classification_inputs(self, inputs, attention_mask, labels, input_name: str, also_accepted: str = ""):
-        """Inputs, mask and labels, before any compute; `input_name` is the head's name of `inputs` (see
-        `PerceiverLiteModel._check_inputs`)."""
-        self.perceiver._check_inputs(inputs, attention_mask, None, input_name, also_accepted)
-        if labels is not None:
-            self._check_labels(labels, inputs.shape[0])
-
-    def _classify(self, inputs, attention_mask, labels, output_class, **kwargs):
-        """The base model, the classifier and the loss by `config.problem_type`, on checked inputs and labels."""
-        outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
-        logits = self.classifier(outputs)
-        loss = None if labels is None else self.loss_function(labels, logits, self.config)
-        return output_class(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-
-    def _check_labels(self, labels, batch_size: int):
-        check_labels(labels, batch_size, self.config.num_labels, self.config.problem_type)
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.perceiver.get_input_embeddings()
-
-
-class PerceiverLiteTokenInputsMixin:
-    """Shared by the heads on token ids: the token embedding into `data_shape[0]` channels and the input checks."""
-
-    def _build_token_embeddings(self, config: PerceiverLiteConfig):
-        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings
-
-    def set_input_embeddings(self, value: nn.Module):
-        self.embeddings = value
-
-    def _check_token_inputs(self, input_ids, inputs_embeds, attention_mask) -> tuple[int, int]:
-        """Exactly one of `input_ids` `(B, T)` and `inputs_embeds` `(B, T, data_shape[0])`, and the mask; `(B, T)`."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
-        if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            name, shape = "input_ids", tuple(input_ids.shape)
-        else:
-            width = self.config.data_shape[0]
-            expected = f"[B, T, data_shape[0]={width}]"
-            check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=self.dtype)
-            if inputs_embeds.shape[-1] != width:
-                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
-            name, shape = "inputs_embeds", tuple(inputs_embeds.shape[:2])
-        check_grid(self.config, name, shape, shape[1:], decoder=hasattr(self, "decoder"))
-        if attention_mask is not None:
-            check_mask("attention_mask", attention_mask, [shape])
-        return shape
-
-    def _token_data(self, input_ids, inputs_embeds) -> torch.Tensor:
-        """The channel-first data `(B, C, T)` of checked token inputs."""
-        embeds = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        return embeds.transpose(1, 2)  # (B, C, T)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(self.dense(hidden_states)))  # (..., data_shape[0])
 
 
 @dataclass
@@ -858,51 +809,73 @@ class PerceiverLiteDecoderOutput(ModelOutput):
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-class PerceiverLiteElementwiseMixin(PerceiverLiteClassificationMixin):
-    """Shared by the per-element heads: the base model and a decoder with one query per input element."""
+def check_one_dimensional(head: str, config: PerceiverLiteConfig):
+    """The heads on sequences (token ids, signals) need a 1-D `data_shape` `[C, T]`."""
+    if config.num_axes != 1:
+        raise ValueError(f"{head} needs a 1-D data_shape [C, T], got {config.data_shape}")
 
-    def _build_decoder(self, config: PerceiverLiteConfig, one_dimensional: bool = False):
-        self._build_base(config, one_dimensional)
-        self.decoder = PerceiverLiteDecoder(config)
 
-    def _sparse_labels(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The token heads' `(labels, labelled)`: with `config.sparse_prediction` the labelled ones `(num_labelled,)`
-        and where they are `(B, T)`, else the labels as given and None."""
-        if not self.config.sparse_prediction:
-            return labels, None
-        labelled = labels != -100
-        return labels[labelled], labelled
+def check_token_inputs(
+    config: PerceiverLiteConfig, input_ids, inputs_embeds, attention_mask, dtype: torch.dtype, decoder: bool = False
+) -> tuple[int, int]:
+    """Exactly one of `input_ids` `(B, T)` and `inputs_embeds` `(B, T, data_shape[0])` (in `dtype`, the model's), and
+    the mask, before any compute; `(B, T)`. `decoder`: the head decodes one output per token (its grid is checked
+    against `decoder_query_type` too)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+    if input_ids is not None:
+        check_token_ids(input_ids, config.vocab_size)
+        name, shape = "input_ids", tuple(input_ids.shape)
+    else:
+        width = config.data_shape[0]
+        expected = f"[B, T, data_shape[0]={width}]"
+        check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=dtype)
+        if inputs_embeds.shape[-1] != width:
+            raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
+        name, shape = "inputs_embeds", tuple(inputs_embeds.shape[:2])
+    check_grid(config, name, shape, shape[1:], decoder=decoder)
+    if attention_mask is not None:
+        check_mask("attention_mask", attention_mask, [shape])
+    return shape
 
-    def _decode(
-        self, inputs, attention_mask, logits_head, loss_function, labelled=None, **kwargs
-    ) -> PerceiverLiteDecoderOutput:
-        """Encode `inputs` `(B, C, *axes)`, decode one output per element, `logits_head` them, and `loss_function`
-        (None without labels) the logits. `labelled` `(B, M)`: decode only these elements (`sparse_prediction`), the
-        logits `(num_labelled, ...)` in row-major order."""
-        output_attentions = kwargs.get("output_attentions", self.config.output_attentions)
-        if labelled is not None and output_attentions:
-            raise ValueError(
-                "output_attentions=True needs every position decoded; with sparse_prediction=True and labels the "
-                "decoder skips the unlabelled ones: pass no labels, or set config.sparse_prediction=False"
-            )
-        outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
-        query_index, valid = (None, None) if labelled is None else labelled_positions(labelled)  # (B, K) each
-        decoded, weights = self.decoder(
-            outputs.last_hidden_state, inputs, attention_mask, bool(output_attentions), query_index
-        )  # (B, M, decoder_dim), or (B, K, decoder_dim)
-        if labelled is not None:
-            decoded = decoded[valid]  # (num_labelled, decoder_dim), the labelled rows in row-major order
-        logits = logits_head(decoded)
-        cross_attentions = outputs.cross_attentions
-        if weights is not None:
-            cross_attentions = (*(cross_attentions or ()), weights)
-        return PerceiverLiteDecoderOutput(
-            loss=None if loss_function is None else loss_function(logits),
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            cross_attentions=cross_attentions,
+
+def token_data(embeddings: nn.Embedding, input_ids, inputs_embeds) -> torch.Tensor:
+    """The channel-first data `(B, C, T)` of checked token inputs."""
+    embeds = embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+    return embeds.transpose(1, 2)  # (B, C, T)
+
+
+def sparse_labels(config: PerceiverLiteConfig, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token heads' `(labels, labelled)`: with `config.sparse_prediction` the labelled ones `(num_labelled,)` and
+    where they are `(B, T)`, else the labels as given and None."""
+    if not config.sparse_prediction:
+        return labels, None
+    labelled = labels != -100
+    return labels[labelled], labelled
+
+
+def encode_and_decode(perceiver, decoder, inputs, attention_mask, labelled=None, **kwargs):
+    """Perceiver IO: encode `inputs` `(B, C, *axes)` and decode one output per element. `labelled` `(B, M)`: decode only
+    these elements (`sparse_prediction`). Returns `(encoder outputs, decoded, cross_attentions)`: decoded
+    `(B, M, decoder_dim)`, or `(num_labelled, decoder_dim)` in row-major order; the cross-attentions the encoder's,
+    then the decoder's where recorded."""
+    output_attentions = kwargs.get("output_attentions", perceiver.config.output_attentions)
+    if labelled is not None and output_attentions:
+        raise ValueError(
+            "output_attentions=True needs every position decoded; with sparse_prediction=True and labels the "
+            "decoder skips the unlabelled ones: pass no labels, or set config.sparse_prediction=False"
         )
+    outputs = perceiver(inputs, attention_mask=attention_mask, **kwargs)
+    query_index, valid = (None, None) if labelled is None else labelled_positions(labelled)  # (B, K) each
+    decoded, weights = decoder(
+        outputs.last_hidden_state, inputs, attention_mask, bool(output_attentions), query_index
+    )  # (B, M, decoder_dim), or (B, K, decoder_dim)
+    if labelled is not None:
+        decoded = decoded[valid]  # (num_labelled, decoder_dim), the labelled rows in row-major order
+    cross_attentions = outputs.cross_attentions
+    if weights is not None:
+        cross_attentions = (*(cross_attentions or ()), weights)
+    return outputs, decoded, cross_attentions
 
 
 def labelled_positions(labelled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -921,15 +894,33 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return rows.gather(1, index[..., None].expand(-1, -1, rows.shape[-1]))
 
 
-class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
+def dense_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask, config: PerceiverLiteConfig) -> torch.Tensor:
+    """`PerceiverLiteForDensePrediction`'s loss: transformers' classification loss by `problem_type`, with the valid
+    elements of the logits `(B, num_labels, *axes)` as samples (not the padding of `attention_mask`)."""
+    per_element = logits.flatten(2).transpose(1, 2)  # (B, M, num_labels)
+    targets = labels.flatten(2).transpose(1, 2) if labels.dim() == logits.dim() else labels.flatten(1)  # (B, M, ...)
+    if attention_mask is None:
+        return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), config)
+    valid = attention_mask.reshape(logits.shape[0], -1).bool()  # (B, M)
+    return ForSequenceClassificationLoss(targets[valid], per_element[valid], config)
+
+
+class PerceiverLiteForImageClassification(PerceiverLitePreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     pipeline_tag = "image-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
-        self._build_classifier(config)
+        self.perceiver = PerceiverLiteModel(config)
+        self.classifier = PerceiverLiteClassifier(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.perceiver.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.perceiver.set_input_embeddings(value)
 
     @can_return_tuple
     def forward(
@@ -944,13 +935,19 @@ class PerceiverLiteForImageClassification(PerceiverLiteClassificationMixin, Perc
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        self._check_classification_inputs(pixel_values, attention_mask, labels, "pixel_values")
-        return self._classify(pixel_values, attention_mask, labels, ImageClassifierOutput, **kwargs)
+        config = self.config
+        self.perceiver._check_inputs(pixel_values, attention_mask, None, "pixel_values")
+        if labels is not None:
+            check_labels(labels, pixel_values.shape[0], config.num_labels, config.problem_type)
+        outputs = self.perceiver(pixel_values, attention_mask=attention_mask, **kwargs)
+        logits = self.classifier(outputs)  # (B, num_labels)
+        loss = None if labels is None else self.loss_function(labels, logits, config)
+        return ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
-class PerceiverLiteForSequenceClassification(
-    PerceiverLiteTokenInputsMixin, PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel
-):
+class PerceiverLiteForSequenceClassification(PerceiverLitePreTrainedModel):
     """Token ids embedded into `data_shape[0]` channels with 1-D positions; padding is masked out."""
 
     main_input_name = "input_ids"
@@ -958,10 +955,18 @@ class PerceiverLiteForSequenceClassification(
     pipeline_tag = "text-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
+        check_one_dimensional(type(self).__name__, config)
         super().__init__(config)
-        self._build_classifier(config, one_dimensional=True)
-        self._build_token_embeddings(config)
+        self.perceiver = PerceiverLiteModel(config)
+        self.classifier = PerceiverLiteClassifier(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings = value
 
     @can_return_tuple
     def forward(
@@ -980,14 +985,20 @@ class PerceiverLiteForSequenceClassification(
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
         """
-        batch_size, _ = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
+        config = self.config
+        batch_size, _ = check_token_inputs(config, input_ids, inputs_embeds, attention_mask, self.dtype)
         if labels is not None:
-            self._check_labels(labels, batch_size)
-        inputs = self._token_data(input_ids, inputs_embeds)
-        return self._classify(inputs, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+            check_labels(labels, batch_size, config.num_labels, config.problem_type)
+        inputs = token_data(self.embeddings, input_ids, inputs_embeds)  # (B, C, T)
+        outputs = self.perceiver(inputs, attention_mask=attention_mask, **kwargs)
+        logits = self.classifier(outputs)  # (B, num_labels)
+        loss = None if labels is None else self.loss_function(labels, logits, config)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
-class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, PerceiverLitePreTrainedModel):
+class PerceiverLiteForAudioClassification(PerceiverLitePreTrainedModel):
     """Raw 1-D signals (audio, sensors, time series) of any length, `(B, T)` or `(B, C, T)`, with padding masks."""
 
     main_input_name = "input_values"
@@ -995,9 +1006,17 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
     pipeline_tag = "audio-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
+        check_one_dimensional(type(self).__name__, config)
         super().__init__(config)
-        self._build_classifier(config, one_dimensional=True)
+        self.perceiver = PerceiverLiteModel(config)
+        self.classifier = PerceiverLiteClassifier(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.perceiver.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.perceiver.set_input_embeddings(value)
 
     @can_return_tuple
     def forward(
@@ -1013,18 +1032,28 @@ class PerceiverLiteForAudioClassification(PerceiverLiteClassificationMixin, Perc
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
-        one_channel = self.config.data_shape[0] == 1
+        config = self.config
+        one_channel = config.data_shape[0] == 1
         if one_channel and isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
             input_values = input_values[:, None]  # (B, 1, T)
         also_accepted = "[B, T]" if one_channel else ""
-        self._check_classification_inputs(input_values, attention_mask, labels, "input_values", also_accepted)
-        return self._classify(input_values, attention_mask, labels, SequenceClassifierOutput, **kwargs)
+        self.perceiver._check_inputs(input_values, attention_mask, None, "input_values", also_accepted)
+        if labels is not None:
+            check_labels(labels, input_values.shape[0], config.num_labels, config.problem_type)
+        outputs = self.perceiver(input_values, attention_mask=attention_mask, **kwargs)
+        logits = self.classifier(outputs)  # (B, num_labels)
+        loss = None if labels is None else self.loss_function(labels, logits, config)
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
-class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):
+class PerceiverLiteForMaskedLM(PerceiverLitePreTrainedModel):
     """Masked language modelling (Perceiver IO): token ids (transformers' byte-level `PerceiverTokenizer` fits the
     default `vocab_size`) in, one prediction per input token out, whatever the input length. The decoder's outputs go
-    through `lm_head`, whose weight is the token embedding's where `tie_word_embeddings`."""
+    through `lm_head`, whose weight is the token embedding's where `tie_word_embeddings`; where that embedding's width
+    `data_shape[0]` is not `decoder_dim`, `lm_transform` (a `PerceiverLiteLMHeadTransform`) projects to it first, as
+    ALBERT's masked-LM head does."""
 
     main_input_name = "input_ids"
     input_modalities = ("text",)
@@ -1032,17 +1061,21 @@ class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteEleme
     _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
 
     def __init__(self, config: PerceiverLiteConfig):
-        if config.tie_word_embeddings and config.decoder_width != config.data_shape[0]:
-            raise ValueError(
-                f"PerceiverLiteForMaskedLM ties lm_head to the token embedding (`tie_word_embeddings=True`), which "
-                f"needs `decoder_dim` ({config.decoder_width}) == `data_shape[0]` ({config.data_shape[0]}); set "
-                "decoder_dim to the embedding width, or tie_word_embeddings=False"
-            )
+        check_one_dimensional(type(self).__name__, config)
         super().__init__(config)
-        self._build_decoder(config, one_dimensional=True)
-        self._build_token_embeddings(config)
-        self.lm_head = nn.Linear(config.decoder_width, config.vocab_size)
+        self.perceiver = PerceiverLiteModel(config)
+        self.decoder = PerceiverLiteDecoder(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
+        projects = config.tie_word_embeddings and config.decoder_width != config.data_shape[0]
+        self.lm_transform = PerceiverLiteLMHeadTransform(config) if projects else None
+        self.lm_head = nn.Linear(config.data_shape[0] if projects else config.decoder_width, config.vocab_size)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings = value
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
@@ -1067,20 +1100,32 @@ class PerceiverLiteForMaskedLM(PerceiverLiteTokenInputsMixin, PerceiverLiteEleme
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
         """
-        batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
-        vocab_size = self.config.vocab_size
-        loss_function = labelled = None
+        config = self.config
+        batch_size, length = check_token_inputs(
+            config, input_ids, inputs_embeds, attention_mask, self.dtype, decoder=True
+        )
+        labelled = None
         if labels is not None:
-            check_labels(labels, batch_size, vocab_size, "single_label_classification", (length,))
-            labels, labelled = self._sparse_labels(labels)
-            loss_function = lambda logits: self.loss_function(logits, labels, vocab_size=vocab_size)  # noqa: E731
-        inputs = self._token_data(input_ids, inputs_embeds)
-        return self._decode(inputs, attention_mask, self.lm_head, loss_function, labelled, **kwargs)
+            check_labels(labels, batch_size, config.vocab_size, "single_label_classification", (length,))
+            labels, labelled = sparse_labels(config, labels)
+        inputs = token_data(self.embeddings, input_ids, inputs_embeds)  # (B, C, T)
+        outputs, decoded, cross_attentions = encode_and_decode(
+            self.perceiver, self.decoder, inputs, attention_mask, labelled, **kwargs
+        )  # decoded (B, T, decoder_dim), or (num_labelled, decoder_dim)
+        if self.lm_transform is not None:
+            decoded = self.lm_transform(decoded)  # (..., data_shape[0])
+        logits = self.lm_head(decoded)  # (B, T, vocab_size), or (num_labelled, vocab_size)
+        loss = None if labels is None else self.loss_function(logits, labels, vocab_size=config.vocab_size)
+        return PerceiverLiteDecoderOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=cross_attentions,
+        )
 
 
-class PerceiverLiteForTokenClassification(
-    PerceiverLiteTokenInputsMixin, PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel
-):
+class PerceiverLiteForTokenClassification(PerceiverLitePreTrainedModel):
     """Token classification (Perceiver IO): one class per input token (named entities, tags), through the decoder
     and a linear layer."""
 
@@ -1089,11 +1134,19 @@ class PerceiverLiteForTokenClassification(
     pipeline_tag = "token-classification"
 
     def __init__(self, config: PerceiverLiteConfig):
+        check_one_dimensional(type(self).__name__, config)
         super().__init__(config)
-        self._build_decoder(config, one_dimensional=True)
-        self._build_token_embeddings(config)
+        self.perceiver = PerceiverLiteModel(config)
+        self.decoder = PerceiverLiteDecoder(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.data_shape[0])
         self.classifier = nn.Linear(config.decoder_width, config.num_labels)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings = value
 
     @can_return_tuple
     def forward(
@@ -1112,17 +1165,30 @@ class PerceiverLiteForTokenClassification(
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
         """
-        batch_size, length = self._check_token_inputs(input_ids, inputs_embeds, attention_mask)
-        loss_function = labelled = None
+        config = self.config
+        batch_size, length = check_token_inputs(
+            config, input_ids, inputs_embeds, attention_mask, self.dtype, decoder=True
+        )
+        labelled = None
         if labels is not None:
-            check_labels(labels, batch_size, self.config.num_labels, "single_label_classification", (length,))
-            labels, labelled = self._sparse_labels(labels)
-            loss_function = lambda logits: self.loss_function(logits, labels, self.config)  # noqa: E731
-        inputs = self._token_data(input_ids, inputs_embeds)
-        return self._decode(inputs, attention_mask, self.classifier, loss_function, labelled, **kwargs)
+            check_labels(labels, batch_size, config.num_labels, "single_label_classification", (length,))
+            labels, labelled = sparse_labels(config, labels)
+        inputs = token_data(self.embeddings, input_ids, inputs_embeds)  # (B, C, T)
+        outputs, decoded, cross_attentions = encode_and_decode(
+            self.perceiver, self.decoder, inputs, attention_mask, labelled, **kwargs
+        )  # decoded (B, T, decoder_dim), or (num_labelled, decoder_dim)
+        logits = self.classifier(decoded)  # (B, T, num_labels), or (num_labelled, num_labels)
+        loss = None if labels is None else self.loss_function(logits, labels, config)
+        return PerceiverLiteDecoderOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=cross_attentions,
+        )
 
 
-class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLitePreTrainedModel):
+class PerceiverLiteForDensePrediction(PerceiverLitePreTrainedModel):
     """Per-element outputs on grids (Perceiver IO): per-pixel classes (semantic segmentation), per-time-step classes or
     regression targets, for inputs `(B, C, *axes)` of any size; logits `(B, num_labels, *axes)`, channel-first like the
     inputs. The loss by `config.problem_type` counts the valid elements only: not the padding of `attention_mask`,
@@ -1134,9 +1200,16 @@ class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLi
 
     def __init__(self, config: PerceiverLiteConfig):
         super().__init__(config)
-        self._build_decoder(config)
+        self.perceiver = PerceiverLiteModel(config)
+        self.decoder = PerceiverLiteDecoder(config)
         self.classifier = nn.Linear(config.decoder_width, config.num_labels)
         self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.perceiver.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.perceiver.set_input_embeddings(value)
 
     @can_return_tuple
     def forward(
@@ -1153,28 +1226,24 @@ class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLi
             `config.problem_type`.
         attention_mask (`torch.Tensor` of shape `(B, *axes)` or `(B, M)`, *optional*): 1 for valid elements.
         """
+        config = self.config
         self.perceiver._check_inputs(pixel_values, attention_mask, None, "pixel_values")
-        spatial_shape = pixel_values.shape[2:]
-        check_grid(self.config, "pixel_values", pixel_values.shape, spatial_shape, decoder=True)
-        loss_function = None
+        batch_size, spatial_shape = pixel_values.shape[0], pixel_values.shape[2:]
+        check_grid(config, "pixel_values", pixel_values.shape, spatial_shape, decoder=True)
         if labels is not None:
-            config = self.config
-            check_labels(labels, pixel_values.shape[0], config.num_labels, config.problem_type, spatial_shape)
-            loss_function = lambda logits: self._dense_loss(logits, labels, attention_mask)  # noqa: E731
-
-        def logits_head(decoded):  # (B, M, decoder_dim) -> (B, num_labels, *axes)
-            return self.classifier(decoded).transpose(1, 2).reshape(decoded.shape[0], -1, *spatial_shape)
-
-        return self._decode(pixel_values, attention_mask, logits_head, loss_function, **kwargs)
-
-    def _dense_loss(self, logits, labels, attention_mask) -> torch.Tensor:
-        """transformers' classification loss by `problem_type`, over the valid elements as samples."""
-        per_element = logits.flatten(2).transpose(1, 2)  # (B, M, num_labels)
-        targets = labels.flatten(2).transpose(1, 2) if labels.dim() == logits.dim() else labels.flatten(1)  # (B, M, ...)
-        if attention_mask is None:
-            return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), self.config)
-        valid = attention_mask.reshape(logits.shape[0], -1).bool()  # (B, M)
-        return ForSequenceClassificationLoss(targets[valid], per_element[valid], self.config)
+            check_labels(labels, batch_size, config.num_labels, config.problem_type, spatial_shape)
+        outputs, decoded, cross_attentions = encode_and_decode(
+            self.perceiver, self.decoder, pixel_values, attention_mask, **kwargs
+        )  # decoded (B, M, decoder_dim)
+        logits = self.classifier(decoded).transpose(1, 2).reshape(batch_size, -1, *spatial_shape)  # (B, L, *axes)
+        loss = None if labels is None else dense_loss(logits, labels, attention_mask, config)
+        return PerceiverLiteDecoderOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            cross_attentions=cross_attentions,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

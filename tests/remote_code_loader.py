@@ -1,10 +1,11 @@
 """Loads saved PerceiverLite folders the way a user without the package does: `trust_remote_code=True`.
 
-Run by `test_hub.py` in a subprocess (`python -I`, from a folder outside the repository, with `HF_HUB_OFFLINE=1` and a
-fresh `HF_MODULES_CACHE`), as `python -I remote_code_loader.py CASES_JSON REPORT_JSON`. `import perceiver_lite` is
-blocked first, so only the code files saved beside the weights can define the model. Each case names a folder, an
-Auto class and a reference file (`inputs`, `expected`, and the output's name in its metadata); the report gives, per
-case, the class that loaded, the largest difference from the reference, and what a re-save of the loaded model writes.
+Run by `conftest.load_without_package` (for `test_hub.py` and `test_conversion.py`) in a subprocess (`python -I`,
+from a folder outside the repository, with `HF_HUB_OFFLINE=1` and a fresh `HF_MODULES_CACHE`), as
+`python -I remote_code_loader.py CASES_JSON REPORT_JSON`. `import perceiver_lite` is blocked first, so only the code
+files saved beside the weights can define the model. Each case names a folder, an Auto class and a reference file
+(`inputs`, `expected`, and the output's name in its metadata); the report gives, per case, the class that loaded, the
+largest difference from the reference, and what a re-save of the loaded model writes.
 """
 
 import importlib.abc

@@ -9,14 +9,12 @@ without this package (`trust_remote_code=True`, through `remote_code_loader.py`)
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from conftest import load_without_package
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -259,18 +257,6 @@ def test_converted_folders_load_without_the_package(converted, tmp_path):
         assert case["model_class"] == LITE_CLASSES[SOURCES[name][0]], case
         assert case["module"].startswith("transformers_modules."), case
         assert case["max_abs_diff"] <= ATOL and case["resaved_max_abs_diff"] <= ATOL, case
-
-
-def load_without_package(cases: list[dict], workdir: Path) -> dict:
-    """Runs `remote_code_loader.py` (as `test_hub.py` does) in a Python that cannot import perceiver_lite."""
-    workdir.mkdir(parents=True)
-    report_path = workdir / "report.json"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-I", str(TESTS_DIR / "remote_code_loader.py"), json.dumps(cases), str(report_path)]
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(report_path.read_text())
 
 
 def test_convert_a_model_object_without_saving():

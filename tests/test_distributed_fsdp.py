@@ -73,8 +73,8 @@ def recording_fast_plans():
     (True) or the reference (False)."""
     served = []
 
-    def recording_fast_plan(module, device):
-        plan = fast_perceiver_lite.fast_plan(module, device)
+    def recording_fast_plan(module, *args, **kwargs):
+        plan = fast_perceiver_lite.fast_plan(module, *args, **kwargs)
         if isinstance(module, modeling_perceiver_lite.PerceiverLiteModel):
             served.append(plan is not None)
         return plan

@@ -882,3 +882,163 @@ def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_ac
     assert routes.feed_forward(mlp, 3 * 5) is fast.FeedForward.RECOMPUTED
     monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features + 1)
     assert routes.feed_forward(mlp, 3 * 5) is fast.FeedForward.MODULE  # a smaller output: the module runs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Perceiver IO heads: decoder, classifier_pooling="decoder" and encoder options against the reference
+# ---------------------------------------------------------------------------------------------------------------------
+
+from conftest import (  # noqa: E402
+    ATOL,
+    MODELS,
+    PER_ELEMENT,
+    PerceiverLiteModelTester,
+    assert_same_outputs_and_gradients,
+    labelled_inputs,
+    make_head,
+    outputs_and_gradients,
+    tiny_config,
+)
+
+
+DECODER_QUERIES = {
+    "fourier": {},
+    "learned": {"decoder_query_type": "learned"},
+    "query-inputs": {"decoder_query_inputs": True},
+    "post-norm-no-ff": {"pre_norm": False, "decoder_ff_dim_scale": 0, "decoder_query_residual": False},
+}
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("queries", DECODER_QUERIES)
+@pytest.mark.parametrize("kind", PER_ELEMENT)
+def test_fast_decoder_matches_the_reference(kind, queries, masked, autocast_dtype, monkeypatch):
+    """The decoder runs the fast paths too (no reference attention is called), with the reference's outputs and
+    gradients: queries shared by the batch (learned, or the Fourier positions of an unpadded input; normalised and
+    projected once), per-sample ones (padded Fourier positions, query inputs), post-norm, without a feed-forward."""
+    fields = DECODER_QUERIES[queries]
+    fast = make_head(kind, **fields).train()
+    reference = make_head(kind, tiny_config(kind, use_fast_paths=False, **fields), state_dict=fast.state_dict()).train()
+    inputs = labelled_inputs(kind)
+    if not masked:
+        inputs.pop("attention_mask")
+    calls = count_reference_attention(monkeypatch)
+
+    def run(model):
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return outputs_and_gradients(model, inputs)
+
+    fast_run = run(fast)
+    assert calls == []
+    reference_run = run(reference)
+    assert len(calls) == num_attentions(reference.config) + 1  # the encoder's, then the decoder's
+    if autocast_dtype is None:
+        assert_same_outputs_and_gradients(fast_run, reference_run)
+        return
+    # bfloat16: both runs round differently; each gradient within 5 % of its largest entry (post-norm gives some ~100)
+    torch.testing.assert_close(fast_run[0], reference_run[0], rtol=0.05, atol=0.1)
+    for name, expected in reference_run[2].items():
+        error = (fast_run[2][name] - expected).abs().max()
+        assert error <= 0.05 * expected.abs().max() + 1e-3, (name, error, expected.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_fast_decoder_pooling_matches_the_reference(kind, monkeypatch):
+    """`classifier_pooling="decoder"`: the one learned query is shared by the batch; fast and reference agree."""
+    tester = PerceiverLiteModelTester(kind)
+    config = tester.get_config(classifier_pooling="decoder")
+    fast = tester.model_class(config).train()
+    reference = tester.model_class(copy.deepcopy(config)).train()
+    reference.config.use_fast_paths = False
+    reference.load_state_dict(fast.state_dict())
+    inputs = {MODELS[kind].input_name: tester.prepare_main_input(3, (10,) if kind == "text" else None)}
+    inputs["labels"] = torch.randint(0, 3, (3,))
+    calls = count_reference_attention(monkeypatch)
+    fast_run = outputs_and_gradients(fast, inputs)
+    assert calls == []
+    assert_same_outputs_and_gradients(fast_run, outputs_and_gradients(reference, inputs))
+
+
+def _layer(model, block, index=None):
+    blocks = model.perceiver.blocks
+    return blocks[block].cross_layer if index is None else blocks[block].layers[index]
+
+
+HEAD_ENCODER_OPTIONS = {
+    "cross_attend_blocks": (
+        {"cross_attend_blocks": [0]},
+        lambda m: _layer(m, 1) is None and _layer(m, 0) is not None,
+    ),
+    "learned-positions-added": (
+        {"position_encoding_type": "learned", "concat_positions": False},
+        lambda m: m.perceiver.embeddings.position_embeddings.shape == (m.config.num_positions, m.config.data_shape[0])
+        and m.config.cross_kv_dim == m.config.data_shape[0],
+    ),
+    "learned-positions-concatenated": (
+        {"position_encoding_type": "learned", "position_dim": 6},
+        lambda m: m.perceiver.embeddings.position_embeddings.shape[1] == 6
+        and m.config.cross_kv_dim == m.config.data_shape[0] + 6,
+    ),
+    "input-projection": (
+        {"input_projection_dim": 8},
+        lambda m: m.perceiver.embeddings.input_projection.out_features == 8
+        and _layer(m, 0).cross_attention.k_proj.in_features == 8 + m.config.num_position_features,
+    ),
+    "qk-v-widths": (
+        {"qk_channels": 16, "v_channels": 24, "cross_qk_channels": 8, "cross_v_channels": 12, "cross_ff_dim": 20},
+        lambda m: (_layer(m, 1, 0).self_attention.q_proj.out_features, _layer(m, 1, 0).self_attention.v_proj.out_features,
+                   _layer(m, 0).cross_attention.q_proj.out_features, _layer(m, 0).cross_attention.v_proj.out_features,
+                   _layer(m, 0).mlp.fc1.out_features, _layer(m, 1, 0).mlp.fc1.out_features) == (16, 24, 8, 12, 20, 128),
+    ),  # fmt: skip
+    "no-query-residual": ({"cross_attention_query_residual": False}, lambda m: not _layer(m, 0).query_residual),
+    "first-block-self-attention-only": (
+        {"cross_attend_blocks": [1]},
+        lambda m: _layer(m, 0) is None and _layer(m, 1) is not None,
+    ),
+    "fourier-positions-added": (  # projected to the Fourier features' width, then added to them
+        lambda kind: {"input_projection_dim": tiny_config(kind).num_position_features, "concat_positions": False},
+        lambda m: m.config.cross_kv_dim == m.config.num_position_features and not m.perceiver.embeddings.concat_positions,
+    ),
+    "transformers-like": (
+        {"layers_indice": [0, 1, 1], "num_latent_transformers_in_layers": [0, 2], "cross_attend_blocks": [0],
+         "cross_attention_query_residual": False, "input_projection_dim": 8, "position_encoding_type": "learned",
+         "concat_positions": False, "decoder_query_residual": False, "decoder_ff_dim_scale": 0, "decoder_heads": 2,
+         "decoder_qk_channels": 8, "decoder_v_channels": 16},
+        lambda m: m.decoder.layer.mlp is None and not m.decoder.layer.query_residual and len(m.perceiver.blocks[0].layers) == 0,
+    ),  # fmt: skip
+}
+
+
+UNEQUAL_HEAD_WIDTHS = {"qk-v-widths"}
+
+
+@pytest.mark.parametrize("option", HEAD_ENCODER_OPTIONS)
+@pytest.mark.parametrize("kind", ["mlm", "dense"])
+def test_heads_with_encoder_options_agree_with_the_reference(kind, option):
+    """Each encoder option is built as configured and runs. Where the fast paths do not apply the model runs the
+    reference itself (exactly `use_fast_paths=False`); where they do, they agree with it, outputs and gradients. Either
+    way eager attention agrees and a padded sample gives its unpadded outputs."""
+    fields, built_as_configured = HEAD_ENCODER_OPTIONS[option]
+    fields = fields(kind) if callable(fields) else fields
+    model = make_head(kind, **fields)
+    assert built_as_configured(model)
+    plan = fast.fast_plan(model.perceiver, torch.zeros(2, *model.config.data_shape))
+    if option in UNEQUAL_HEAD_WIDTHS:
+        assert plan is None
+    reference = make_head(kind, tiny_config(kind, use_fast_paths=False, **fields), state_dict=model.state_dict())
+    eager = make_head(kind, tiny_config(kind, **fields), "eager", state_dict=model.state_dict())
+    inputs = labelled_inputs(kind)
+    fast_run, reference_run = outputs_and_gradients(model, inputs), outputs_and_gradients(reference, inputs)
+    if plan is None:
+        assert torch.equal(fast_run[0], reference_run[0]) and torch.equal(fast_run[1], reference_run[1])
+    assert_same_outputs_and_gradients(fast_run, reference_run)
+    torch.testing.assert_close(eager(**inputs).logits, fast_run[0], rtol=0, atol=ATOL)
+    # sample 1 alone, unpadded, gives the same outputs as in the padded batch
+    with torch.no_grad():
+        if kind == "dense":
+            alone = model(inputs["pixel_values"][1:2, :, :4, :5]).logits
+            torch.testing.assert_close(fast_run[0][1:2, :, :4, :5], alone, rtol=0, atol=ATOL)
+        else:
+            alone = model(inputs["input_ids"][1:2, :6]).logits
+            torch.testing.assert_close(fast_run[0][1:2, :6], alone, rtol=0, atol=ATOL)

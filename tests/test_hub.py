@@ -9,26 +9,31 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
-from typing import NamedTuple
 
 import huggingface_hub.constants
 import pytest
 import torch
 import transformers
 import transformers.utils.hub
-from conftest import PerceiverLiteModelTester
+from conftest import (
+    MODELS,
+    PER_ELEMENT,
+    VOCAB_SIZE,
+    PerceiverLiteModelTester,
+    labelled_inputs,
+    load_without_package,
+    make_head,
+)
 from datasets import Dataset
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, TrainingArguments
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForTokenClassification, TrainingArguments
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
@@ -36,9 +41,8 @@ from transformers.utils import logging
 import perceiver_lite
 from perceiver_lite import (
     PerceiverLiteConfig,
-    PerceiverLiteForAudioClassification,
     PerceiverLiteForImageClassification,
-    PerceiverLiteForSequenceClassification,
+    PerceiverLiteForTokenClassification,
     PerceiverLiteModel,
 )
 from perceiver_lite.trainer import PerceiverLiteTrainer
@@ -66,39 +70,9 @@ AUTO_MAP = {
 }
 ATOL = 1e-5
 
-class Kind(NamedTuple):
-    model_class: type
-    auto_class: str
-    data_shape: tuple  # of the tiny tester: 1-D for text and audio
-    pipeline_tag: str
-
-
-MODELS = {
-    "base": Kind(PerceiverLiteModel, "AutoModel", (3, 8, 8), "feature-extraction"),
-    "image": Kind(
-        PerceiverLiteForImageClassification, "AutoModelForImageClassification", (3, 8, 8), "image-classification"
-    ),
-    "text": Kind(
-        PerceiverLiteForSequenceClassification, "AutoModelForSequenceClassification", (16, 12), "text-classification"
-    ),
-    "audio": Kind(
-        PerceiverLiteForAudioClassification, "AutoModelForAudioClassification", (1, 16), "audio-classification"
-    ),
-}
-
-
-def build_model(kind: str, **config_overrides):
-    config = PerceiverLiteModelTester(data_shape=MODELS[kind].data_shape).get_config(**config_overrides)
-    return MODELS[kind].model_class(config).eval()
-
-
-def head_inputs(kind: str, config: PerceiverLiteConfig, batch_size: int = 3) -> torch.Tensor:
-    """The first input of the model of `kind`: token ids, `(B, T)` signals or `(B, C, *axes)` floats."""
-    if kind == "text":
-        return torch.randint(0, config.vocab_size, (batch_size, config.data_shape[1]))
-    if kind == "audio":
-        return torch.randn(batch_size, config.data_shape[1])
-    return torch.randn(batch_size, *config.data_shape)
+def head_inputs(kind: str, batch_size: int = 3) -> torch.Tensor:
+    """The main input of the model of `kind`: token ids, `(B, T)` signals or `(B, C, *axes)` floats."""
+    return PerceiverLiteModelTester(kind).prepare_main_input(batch_size)
 
 
 def output_name(auto_class: str) -> str:
@@ -116,10 +90,10 @@ def write_reference(model, auto_class: str, inputs: torch.Tensor, path: Path) ->
 
 def reference_cases(kind: str, model, folder: Path, references: Path) -> list[dict]:
     """`AutoModel` and the head's own Auto class on `folder`, each with a reference file of its outputs."""
-    auto_class, config = MODELS[kind].auto_class, model.config
+    auto_class = MODELS[kind].auto_class
     cases = []
     for name in dict.fromkeys(["AutoModel", auto_class]):
-        inputs = torch.randn(3, *config.data_shape) if name == "AutoModel" else head_inputs(kind, config)
+        inputs = PerceiverLiteModelTester(kind).prepare_inputs() if name == "AutoModel" else head_inputs(kind)
         reference = write_reference(model, name, inputs, references / f"{folder.name}-{name}.safetensors")
         cases.append({"folder": str(folder), "auto_class": name, "reference": str(reference)})
     return cases
@@ -132,18 +106,6 @@ def assert_matches_references(model, cases: list[dict], auto_class: str, device:
         with torch.no_grad():
             output = getattr(model(inputs.to(device)), output_name(auto_class)).cpu()
         torch.testing.assert_close(output, expected, atol=ATOL, rtol=0)
-
-
-def load_without_package(cases: list[dict], workdir: Path) -> dict:
-    """Runs `remote_code_loader.py` in a Python that cannot import `perceiver_lite` and returns its report."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    report_path = workdir / "report.json"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-I", str(TESTS_DIR / "remote_code_loader.py"), json.dumps(cases), str(report_path)]
-    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(report_path.read_text())
 
 
 def assert_loaded_without_package(report: dict, cases: list[dict]):
@@ -171,7 +133,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     result = {}
     for kind in MODELS:
-        model = build_model(kind)
+        model = make_head(kind)
         folder = root / kind
         model.save_pretrained(folder)
         cases = reference_cases(kind, model, folder, root / "references")
@@ -221,13 +183,13 @@ def test_remote_code_loads_every_model_without_the_package(saved, tmp_path):
     """`AutoModel` and each head's `AutoModelFor...` load through the saved code alone, give the original outputs,
     and save again with their code and the full `auto_map`."""
     cases = [case for kind in MODELS for case in saved[kind].cases]
-    assert len(cases) == 7  # the base model once, each head through AutoModel and through its own Auto class
+    assert len(cases) == 2 * len(MODELS) - 1  # the base model once, each head through AutoModel and its own Auto class
     assert_loaded_without_package(load_without_package(cases, tmp_path / "run"), cases)
 
 
 def test_remote_code_loader_really_runs_without_the_package(tmp_path):
     """The subprocess check can fail: a folder without the code files cannot load where the package is blocked."""
-    model = build_model("image")
+    model = make_head("image")
     model.save_pretrained(tmp_path / "model")
     for name in CODE_FILES:
         (tmp_path / "model" / name).unlink()
@@ -327,7 +289,7 @@ def card_metadata(folder: Path) -> dict:
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_model_push_to_hub_uploads_weights_code_and_model_card(fake_hub, kind):
-    model = build_model(kind)
+    model = make_head(kind)
     model.push_to_hub("someone/tiny-perceiver")
     assert fake_hub.calls == [
         ("create_repo", "someone/tiny-perceiver"),
@@ -342,7 +304,7 @@ def test_model_push_to_hub_uploads_weights_code_and_model_card(fake_hub, kind):
 
 
 def test_pushed_files_load_without_the_package(fake_hub, tmp_path):
-    model = build_model("image")
+    model = make_head("image")
     model.push_to_hub("someone/tiny-image", tags=["digits"])
     remote = fake_hub.repo("someone/tiny-image")
     assert {"perceiver", "digits"} <= set(card_metadata(remote)["tags"])
@@ -354,7 +316,7 @@ def test_push_keeps_the_existing_model_card(fake_hub):
     remote = fake_hub.repo("someone/tiny-image")
     remote.mkdir(parents=True)
     (remote / "README.md").write_text("---\nlicense: mit\npipeline_tag: image-classification\n---\n\n# My model\n")
-    build_model("image").push_to_hub("someone/tiny-image")
+    make_head("image").push_to_hub("someone/tiny-image")
     card = ModelCard.load(remote / "README.md")
     assert "# My model" in card.text
     assert card.data.license == "mit"
@@ -363,7 +325,7 @@ def test_push_keeps_the_existing_model_card(fake_hub):
 
 
 def test_save_pretrained_with_push_to_hub(fake_hub, tmp_path):
-    build_model("audio").save_pretrained(tmp_path / "audio", push_to_hub=True, repo_id="someone/tiny-audio")
+    make_head("audio").save_pretrained(tmp_path / "audio", push_to_hub=True, repo_id="someone/tiny-audio")
     remote = fake_hub.repo("someone/tiny-audio")
     assert {path.name for path in remote.iterdir()} == {*SAVED_FILES, "README.md"}
     assert card_metadata(remote)["pipeline_tag"] == "audio-classification"
@@ -381,7 +343,7 @@ def accuracy(prediction):
 
 
 def test_trainer_push_to_hub_uploads_model_and_card_with_metrics(fake_hub, tmp_path):
-    model = build_model("image")
+    model = make_head("image")
     dataset = tiny_image_dataset(model.config)
     args = TrainingArguments(
         str(tmp_path / "output"), max_steps=2, per_device_train_batch_size=3, eval_strategy="steps", eval_steps=2,
@@ -434,7 +396,7 @@ def test_dtype(saved, dtype, expected):
 
 
 def test_dtype_auto_follows_the_checkpoint(tmp_path):
-    build_model("image").to(torch.bfloat16).save_pretrained(tmp_path)
+    make_head("image").to(torch.bfloat16).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     assert PerceiverLiteForImageClassification.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
     assert PerceiverLiteForImageClassification.from_pretrained(tmp_path, dtype=torch.float32).dtype == torch.float32
@@ -498,6 +460,64 @@ def test_head_checkpoint_into_a_head_with_other_labels(saved):
         PerceiverLiteForImageClassification.from_pretrained(folder, num_labels=5)
 
 
+@pytest.mark.parametrize(
+    "variant", [{}, {"position_encoding_type": "learned", "decoder_query_type": "learned"}], ids=["fourier", "learned"]
+)
+@pytest.mark.parametrize("kind", PER_ELEMENT)
+def test_per_element_heads_round_trip_exactly(kind, variant, tmp_path):
+    """Loaded by their class (nothing missing, unexpected or mismatched) and by their Auto class: the same weights, and
+    the same logits and loss on padded, labelled inputs."""
+    model = make_head(kind, **variant)
+    inputs = labelled_inputs(kind)
+    expected = model(**inputs)
+    model.save_pretrained(tmp_path)
+    loaded, info = MODELS[kind].model_class.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    auto = getattr(transformers, MODELS[kind].auto_class).from_pretrained(tmp_path)
+    for restored in (loaded.eval(), auto.eval()):
+        torch.testing.assert_close(restored.state_dict(), model.state_dict(), rtol=0, atol=0)
+        outputs = restored(**inputs)
+        torch.testing.assert_close(outputs.logits, expected.logits, rtol=0, atol=0)
+        torch.testing.assert_close(outputs.loss, expected.loss, rtol=0, atol=0)
+
+
+def test_tied_lm_head_stays_tied_after_loading(tmp_path):
+    model = make_head("mlm")
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.embeddings.weight
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.embeddings.weight
+    assert loaded.get_output_embeddings() is loaded.lm_head and loaded.get_input_embeddings() is loaded.embeddings
+    # still tied in training: one step moves both
+    with torch.no_grad():
+        loaded.embeddings.weight[5] += 1.0
+    assert torch.equal(loaded.lm_head.weight[5], loaded.embeddings.weight[5])
+
+
+def test_untied_lm_head_is_its_own_and_survives_loading(tmp_path):
+    model = make_head("mlm", tie_word_embeddings=False, decoder_dim=24)
+    assert model.lm_head.weight is not model.embeddings.weight
+    assert model.lm_head.weight.shape == (VOCAB_SIZE, 24) and model.embeddings.weight.shape == (VOCAB_SIZE, 16)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is not loaded.embeddings.weight
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight, rtol=0, atol=0)
+
+
+def test_a_masked_lm_checkpoint_starts_a_token_classifier(tmp_path):
+    """Pre-train with masked LM, fine-tune per token: every weight but the classifier carries over (lm_head is left)."""
+    model = make_head("mlm")
+    model.save_pretrained(tmp_path)
+    tagger, info = AutoModelForTokenClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(tagger) is PerceiverLiteForTokenClassification
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    assert info["unexpected_keys"] == {"lm_head.bias"} and not info["mismatched_keys"]
+    for name, value in tagger.state_dict().items():
+        if not name.startswith("classifier."):
+            torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. Bad files fail clearly
 # ---------------------------------------------------------------------------------------------------------------------
@@ -554,6 +574,7 @@ def test_auto_class_refuses_a_config_of_another_model(broken_copy):
         ({"dim": 30}, "dim"),
         ({"ff_dropout": 1.5}, "ff_dropout"),
         ({"cross_kv_dim": 7}, "cross_kv_dim"),
+        ({"decoder_query_type": "random"}, "decoder_query_type"),
     ],
 )
 def test_invalid_config_fields_name_the_file_and_field(broken_copy, loader, changes, field):

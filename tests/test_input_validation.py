@@ -1,25 +1,26 @@
 """Bad input never reaches the model: every public forward raises a `ValueError` (a `TypeError` for a wrong type or
-dtype) that names the argument, what was expected and what came, before any submodule runs."""
+dtype) that names the argument, what was expected and what came, before any submodule runs. Bad decoder and encoder
+configs, and heads on sequences given grids, raise naming the field."""
 
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import PerceiverLiteModelTester
+from conftest import PerceiverLiteModelTester, labelled_inputs, tiny_config
 
-from perceiver_lite import (
-    PerceiverLayer,
-    PerceiverLiteForAudioClassification,
-    PerceiverLiteForImageClassification,
-    PerceiverLiteForSequenceClassification,
-    PerceiverLiteModel,
-)
+from perceiver_lite import PerceiverLayer, PerceiverLiteForMaskedLM, PerceiverLiteForTokenClassification
 
 
-IMAGE = PerceiverLiteModelTester(data_shape=(3, 8, 8))  # 2-D: inputs (3, 3, 8, 8)
-TEXT = PerceiverLiteModelTester(data_shape=(4, 12))  # 1-D token embedding of 4 channels
-AUDIO = PerceiverLiteModelTester(data_shape=(1, 12))  # 1-D mono signal
+TESTERS = {
+    "base": PerceiverLiteModelTester("base"),  # 2-D: inputs (3, 3, 8, 8)
+    "image": PerceiverLiteModelTester("image"),
+    "text": PerceiverLiteModelTester("text", data_shape=(4, 12)),  # 1-D token embedding of 4 channels
+    "audio": PerceiverLiteModelTester("audio", data_shape=(1, 12)),  # 1-D mono signal
+    "mlm": PerceiverLiteModelTester("mlm"),  # token embedding of 16 channels, nominal length 12
+    "token": PerceiverLiteModelTester("token"),
+    "dense": PerceiverLiteModelTester("dense"),  # inputs (3, 3, 8, 8)
+}
 BATCH = 3
 LAYER_DIM = 32
 
@@ -28,13 +29,8 @@ def build(kind: str, **config_overrides):
     """A tiny model of `kind` in eval mode."""
     if kind == "layer":
         return PerceiverLayer(dim=LAYER_DIM, heads=2, depth=2, dim_head=16).eval()
-    tester, model_class = {
-        "base": (IMAGE, PerceiverLiteModel),
-        "image": (IMAGE, PerceiverLiteForImageClassification),
-        "text": (TEXT, PerceiverLiteForSequenceClassification),
-        "audio": (AUDIO, PerceiverLiteForAudioClassification),
-    }[kind]
-    return model_class(tester.get_config(**config_overrides)).eval()
+    tester = TESTERS[kind]
+    return tester.model_class(tester.get_config(**config_overrides)).eval()
 
 
 def pixels(*shape):
@@ -96,6 +92,12 @@ VALID = [
         problem_type="multi_label_classification",
     ),
     valid("regression", "image", lambda: dict(pixel_values=pixels(), labels=torch.randn(BATCH)), num_labels=1),
+    valid("mlm", "mlm", lambda: labelled_inputs("mlm")),
+    valid("token", "token", lambda: labelled_inputs("token")),
+    valid("token_embeds", "token", lambda: dict(inputs_embeds=torch.randn(BATCH, 10, 16))),
+    valid("dense", "dense", lambda: dict(pixel_values=pixels(), labels=torch.randint(0, 3, (BATCH, 8, 8)))),
+    # (no labels: the loss over the valid elements of a mask has a data-dependent size, not computable on meta)
+    valid("dense_masked", "dense", lambda: dict(pixel_values=pixels(), attention_mask=torch.ones(BATCH, 8, 8))),
 ]
 
 INVALID = [
@@ -320,6 +322,143 @@ INVALID = [
         "regression_nan", "audio", lambda: dict(input_values=signal(), labels=with_value(signal(BATCH), float("nan"))),
         ValueError, "`labels`", "NaN or Inf", num_labels=1,
     ),
+    # Perceiver IO heads on token ids
+    case("mlm_ids_float", "mlm", lambda: dict(input_ids=token_ids().float()), TypeError, "`input_ids`", "integer"),
+    case("mlm_ids_rank", "mlm", lambda: dict(input_ids=token_ids(10)), ValueError, "`input_ids`", "[B, T]", "[10]"),
+    case(
+        "mlm_ids_range", "mlm", lambda: dict(input_ids=token_ids() + 262), ValueError, "`input_ids`", "vocab_size=262"
+    ),
+    case("token_no_input", "token", lambda: dict(), ValueError, "exactly one", "`input_ids`", "`inputs_embeds`"),
+    case(
+        "mlm_ids_and_embeds", "mlm", lambda: dict(input_ids=token_ids(), inputs_embeds=torch.randn(BATCH, 10, 16)),
+        ValueError, "exactly one", "`input_ids`", "`inputs_embeds`",
+    ),
+    case(
+        "token_embeds_width", "token", lambda: dict(inputs_embeds=torch.randn(BATCH, 10, 15)),
+        ValueError, "`inputs_embeds`", "[B, T, data_shape[0]=16]", "[3, 10, 15]",
+    ),
+    case(
+        "mlm_embeds_int", "mlm", lambda: dict(inputs_embeds=torch.zeros(BATCH, 10, 16, dtype=torch.long)),
+        TypeError, "`inputs_embeds`", "floating", "torch.int64",
+    ),
+    case(
+        "token_ids_rank", "token", lambda: dict(input_ids=token_ids(BATCH, 10, 1)), ValueError, "`input_ids`", "[B, T]"
+    ),
+    case(
+        "mlm_mask_length", "mlm", lambda: dict(input_ids=token_ids(), attention_mask=torch.ones(BATCH, 9)),
+        ValueError, "`attention_mask`", "[3, 10]", "[3, 9]",
+    ),
+    case(
+        "mlm_mask_values", "mlm", lambda: dict(input_ids=token_ids(), attention_mask=torch.full((BATCH, 10), 2)),
+        ValueError, "`attention_mask`", "1 (attend) or 0",
+    ),
+    case(
+        "token_mask_rank", "token", lambda: dict(input_ids=token_ids(), attention_mask=torch.ones(BATCH, 10, 1)),
+        ValueError, "`attention_mask`", "[3, 10]", "[3, 10, 1]",
+    ),
+    case(
+        "mlm_labels_length", "mlm", lambda: dict(input_ids=token_ids(), labels=torch.zeros(BATCH, 9, dtype=torch.long)),
+        ValueError, "`labels`", "[3, 10]", "[3, 9]",
+    ),
+    case(
+        "mlm_labels_per_sample", "mlm", lambda: dict(input_ids=token_ids(), labels=torch.zeros(BATCH, dtype=torch.long)),
+        ValueError, "`labels`", "[3, 10]", "[3]",
+    ),
+    case(
+        "mlm_labels_float", "mlm", lambda: dict(input_ids=token_ids(), labels=torch.zeros(BATCH, 10)),
+        TypeError, "`labels`", "torch.long", "torch.float32",
+    ),
+    case(
+        "mlm_labels_range", "mlm", lambda: dict(input_ids=token_ids(), labels=torch.full((BATCH, 10), 262)),
+        ValueError, "`labels`", "[0, 261]", "[262]",
+    ),
+    case(
+        "token_labels_range", "token", lambda: dict(input_ids=token_ids(), labels=torch.full((BATCH, 10), 3)),
+        ValueError, "`labels`", "[0, 2]", "[3]",
+    ),
+    case(
+        "token_labels_negative", "token", lambda: dict(input_ids=token_ids(), labels=torch.full((BATCH, 10), -1)),
+        ValueError, "`labels`", "[0, 2]", "[-1]",
+    ),
+    case(
+        "token_labels_batch", "token", lambda: dict(input_ids=token_ids(), labels=torch.zeros(2, 10, dtype=torch.long)),
+        ValueError, "`labels`", "[3, 10]", "[2, 10]",
+    ),
+    case(
+        "token_labels_int32", "token",
+        lambda: dict(input_ids=token_ids(), labels=torch.zeros(BATCH, 10, dtype=torch.int32)),
+        TypeError, "`labels`", "torch.long", "torch.int32",
+    ),
+    case(
+        "mlm_too_long_learned_queries", "mlm", lambda: dict(input_ids=token_ids(BATCH, 13)),
+        ValueError, "`input_ids`", "exceed the nominal grid", "`decoder_query_type`", decoder_query_type="learned",
+    ),
+    case(
+        "mlm_too_long_learned_positions", "mlm", lambda: dict(input_ids=token_ids(BATCH, 13)),
+        ValueError, "`input_ids`", "exceed the nominal grid", "`position_encoding_type`",
+        position_encoding_type="learned",
+    ),
+    case(
+        "token_too_long_learned_queries", "token", lambda: dict(input_ids=token_ids(BATCH, 13)),
+        ValueError, "`input_ids`", "exceed", "`decoder_query_type`", decoder_query_type="learned",
+    ),
+    case(
+        "token_too_long_learned_positions", "token", lambda: dict(input_ids=token_ids(BATCH, 13)),
+        ValueError, "`input_ids`", "exceed", "`position_encoding_type`", position_encoding_type="learned",
+    ),
+    # the dense head
+    case("dense_rank", "dense", lambda: dict(pixel_values=pixels(3, 8, 8)), ValueError, "`pixel_values`", "[3, 8, 8]"),
+    case(
+        "dense_int", "dense", lambda: dict(pixel_values=pixels().long()), TypeError, "`pixel_values`", "floating",
+    ),
+    case(
+        "dense_channels", "dense", lambda: dict(pixel_values=pixels(BATCH, 4, 8, 8)),
+        ValueError, "`pixel_values`", "C=3", "[3, 4, 8, 8]", "channel",
+    ),
+    case(
+        "dense_nan", "dense", lambda: dict(pixel_values=pixels().fill_(float("nan"))),
+        ValueError, "`pixel_values`", "NaN",
+    ),
+    case(
+        "dense_mask_shape", "dense", lambda: dict(pixel_values=pixels(), attention_mask=torch.ones(BATCH, 8, 7)),
+        ValueError, "`attention_mask`", "[3, 8, 8] or [3, 64]", "[3, 8, 7]",
+    ),
+    case(
+        "dense_labels_shape", "dense",
+        lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 7, dtype=torch.long)),
+        ValueError, "`labels`", "[3, 8, 8]", "[3, 8, 7]",
+    ),
+    case(
+        "dense_labels_int32", "dense",
+        lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 8, dtype=torch.int32)),
+        TypeError, "`labels`", "torch.long", "torch.int32",
+    ),
+    case(
+        "dense_labels_range", "dense", lambda: dict(pixel_values=pixels(), labels=torch.full((BATCH, 8, 8), 3)),
+        ValueError, "`labels`", "[0, 2]", "[3]",
+    ),
+    case(
+        "dense_regression_labels_shape", "dense", lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 8)),
+        ValueError, "`labels`", "[3, 3, 8, 8] (regression targets)", problem_type="regression",
+    ),
+    case(
+        "dense_multi_label_int", "dense",
+        lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 3, 8, 8, dtype=torch.long)),
+        TypeError, "`labels`", "floating", "torch.int64", problem_type="multi_label_classification",
+    ),
+    case(
+        "dense_multi_label_shape", "dense", lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 8)),
+        ValueError, "`labels`", "[3, 3, 8, 8] (multi-hot floats)", problem_type="multi_label_classification",
+    ),
+    case(
+        "dense_too_large_learned_queries", "dense", lambda: dict(pixel_values=pixels(BATCH, 3, 9, 8)),
+        ValueError, "`pixel_values`", "exceed the nominal grid", "`decoder_query_type`", decoder_query_type="learned",
+    ),
+    case(
+        "dense_too_large_learned_positions", "dense", lambda: dict(pixel_values=pixels(BATCH, 3, 8, 9)),
+        ValueError, "`pixel_values`", "exceed the nominal grid", "`position_encoding_type`",
+        position_encoding_type="learned",
+    ),
 ]
 
 
@@ -385,3 +524,42 @@ def test_meta_device_runs_on_shapes_alone(kind, overrides, make_kwargs):
         kwargs["attention_mask"] = kwargs["attention_mask"][:, :-1]
         with pytest.raises(ValueError, match="`attention_mask` must have shape"):
             model(**{name: on_meta(value) for name, value in kwargs.items()})
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: tiny_config("token", decoder_heads=3), r"`decoder_dim` \(32\) must be divisible by `decoder_heads` \(3\)"),
+        (lambda: tiny_config("token", decoder_heads=2, decoder_qk_channels=9),
+         r"`decoder_qk_channels` \(9\) must be divisible by `decoder_heads` \(2\)"),
+        (lambda: tiny_config("token", decoder_heads=2, decoder_v_channels=15),
+         r"`decoder_v_channels` \(15\) must be divisible by `decoder_heads` \(2\)"),
+        (lambda: tiny_config("token", decoder_query_type="random"), r"`decoder_query_type` must be one of"),
+        (lambda: tiny_config("token", classifier_pooling="cls"), r"`classifier_pooling` must be one of"),
+        (lambda: tiny_config("token", decoder_ff_dim_scale=-1), r"`decoder_ff_dim_scale` must be a number >= 0"),
+        (lambda: tiny_config("token", decoder_dim=0), r"`decoder_dim` must be a positive integer"),
+        (lambda: tiny_config("token", decoder_heads=0), r"`decoder_heads` must be a positive integer"),
+        (lambda: PerceiverLiteForTokenClassification(tiny_config("dense")),
+         r"PerceiverLiteForTokenClassification needs a 1-D data_shape"),
+        (lambda: PerceiverLiteForMaskedLM(tiny_config("dense")),
+         r"PerceiverLiteForMaskedLM needs a 1-D data_shape"),
+        # the encoder options
+        (lambda: tiny_config("token", cross_attend_blocks=[2]), r"`cross_attend_blocks` must list distinct blocks"),
+        (lambda: tiny_config("token", cross_attend_blocks=[0, 0]), r"`cross_attend_blocks` must list distinct"),
+        (lambda: tiny_config("token", cross_attend_blocks=[]), r"`cross_attend_blocks` must list distinct"),
+        (lambda: tiny_config("token", position_dim=8), r"`position_dim` is the width of learned positions"),
+        (lambda: tiny_config("token", concat_positions=False), r"`concat_positions` False adds the positions"),
+        (lambda: tiny_config("token", position_encoding_type="sinusoidal"), r"`position_encoding_type` must be one of"),
+        (lambda: tiny_config("token", qk_channels=30), r"`qk_channels` \(30\) must be divisible by `heads` \(4\)"),
+        (lambda: tiny_config("token", cross_v_channels=15), r"`cross_v_channels` \(15\) must be divisible"),
+        (lambda: tiny_config("token", input_projection_dim=0), r"`input_projection_dim` must be a positive integer"),
+    ],
+    ids=["decoder-heads", "decoder-qk", "decoder-v", "query-type",
+         "classifier-pooling", "decoder-ff-scale", "decoder-dim", "decoder-heads-zero", "token-2d", "mlm-2d",
+         "cross-attend-unknown-block", "cross-attend-repeated", "cross-attend-none", "position-dim-fourier",
+         "added-width-mismatch", "position-type", "qk-heads", "cross-v-heads", "input-projection-zero"],
+)  # fmt: skip
+def test_bad_decoder_and_encoder_configs_raise_naming_the_field(build, match):
+    """Config fields of the decoder and of the encoder options, and heads on sequences given a 2-D `data_shape`."""
+    with pytest.raises(ValueError, match=match):
+        build()

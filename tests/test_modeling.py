@@ -1,5 +1,7 @@
-"""PerceiverLiteModel and the seed's PerceiverLayer on tiny configs: Fourier features, shapes, outputs, weight sharing,
-padding invariance, attention backends, gradient checkpointing, save/load, the seed examples and a training step."""
+"""PerceiverLiteModel, the seed's PerceiverLayer and the Perceiver IO decoder on tiny configs: Fourier features, shapes,
+outputs, weight sharing, padding invariance, attention backends, gradient checkpointing, save/load, the seed examples
+and a training step; the decoder against a hand computation, and the Perceiver IO heads' backends, attention weights
+and gradient checkpointing."""
 
 import copy
 import math
@@ -8,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PerceiverLiteModelTester
+from conftest import (
+    PER_ELEMENT,
+    VOCAB_SIZE,
+    PerceiverLiteModelTester,
+    assert_same_outputs_and_gradients,
+    labelled_inputs,
+    make_head,
+    outputs_and_gradients,
+    tiny_config,
+    token_ids,
+)
 from safetensors import safe_open
 from transformers import AutoModel
 
@@ -18,7 +30,7 @@ from perceiver_lite import (
     PerceiverLiteForImageClassification,
     PerceiverLiteModel,
 )
-from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer, PerceiverLiteMLP
+from perceiver_lite.modeling_perceiver_lite import PerceiverLiteDecoder, PerceiverLiteLayer, PerceiverLiteMLP
 
 
 ATOL = 1e-5
@@ -659,3 +671,164 @@ def test_data_channels_get_the_positions_share_of_the_input_norm(tmp_path):
         PerceiverLiteModelTester(data_shape=[2, 8, 8]).get_config(position_encoding_type="learned", concat_positions=False)
     )
     assert (added.blocks[0].cross_layer.cross_attention.kv_norm.weight == 1).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder (Perceiver IO)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_learned_queries_are_the_top_left_rows_of_the_nominal_grid():
+    """With learned queries an input smaller than nominal takes the queries of its own positions."""
+    model = make_head("dense", decoder_query_type="learned")
+    decoder = model.decoder
+    assert decoder.queries.shape == (64, model.config.decoder_width) and decoder.query_proj is None
+    queries = decoder.output_queries(2, (3, 5))
+    expected = decoder.queries.view(8, 8, -1)[:3, :5].reshape(15, -1)
+    assert queries.shape == (2, 15, model.config.decoder_width)
+    torch.testing.assert_close(queries[1], expected, rtol=0, atol=0)
+
+
+def test_decoder_width_and_channels_follow_the_config():
+    config = tiny_config("token", decoder_dim=24, decoder_heads=2, decoder_qk_channels=8, decoder_v_channels=12,
+                         decoder_ff_dim_scale=2)  # fmt: skip
+    decoder = PerceiverLiteDecoder(config)
+    attention = decoder.layer.cross_attention
+    assert (attention.q_proj.in_features, attention.q_proj.out_features) == (24, 8)
+    assert (attention.k_proj.in_features, attention.v_proj.out_features, attention.o_proj.out_features) == (32, 12, 24)
+    assert attention.num_heads == 2 and decoder.layer.mlp.fc1.out_features == 48
+    assert decoder.query_proj.in_features == config.num_position_features
+    outputs, weights = decoder(torch.randn(2, 8, 32), torch.randn(2, config.data_shape[0], 7))
+    assert outputs.shape == (2, 7, 24) and weights is None
+    assert PerceiverLiteDecoder(tiny_config("token", decoder_ff_dim_scale=0)).layer.mlp is None
+
+
+def reference_decoder(decoder, latents, queries, config):
+    """Perceiver IO's decoder layer written out: queries attend to the latents (keys/values from the normalised
+    latents where pre-norm), the optional query residual, then the optional feed-forward; pre- or post-norm."""
+    layer, attention = decoder.layer, decoder.layer.cross_attention
+    heads = config.decoder_heads
+
+    def split(x):  # (B, L, H * d) -> (B, H, L, d)
+        return x.view(*x.shape[:2], heads, -1).transpose(1, 2)
+
+    def attend(x):
+        kv = attention.kv_norm(latents) if config.pre_norm else latents
+        q, k, v = split(attention.q_proj(x)), split(attention.k_proj(kv)), split(attention.v_proj(kv))
+        probabilities = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return attention.o_proj((probabilities @ v).transpose(1, 2).flatten(2))
+
+    def mlp(x):
+        return layer.mlp.fc2(F.gelu(layer.mlp.fc1(x)))
+
+    if config.pre_norm:
+        x = attend(layer.cross_attention_norm(queries)) + (queries if config.decoder_query_residual else 0)
+        return x if layer.mlp is None else x + mlp(layer.mlp_norm(x))
+    x = layer.cross_attention_norm(attend(queries) + (queries if config.decoder_query_residual else 0))
+    return x if layer.mlp is None else layer.mlp_norm(x + mlp(x))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"decoder_heads": 2, "decoder_dim": 24, "decoder_qk_channels": 8, "decoder_v_channels": 16},
+     {"decoder_query_residual": False}, {"decoder_ff_dim_scale": 0}, {"pre_norm": False},
+     {"pre_norm": False, "decoder_query_residual": False, "decoder_ff_dim_scale": 2}],
+    ids=["default", "heads-widths", "no-residual", "no-ff", "post-norm", "post-norm-no-residual"],
+)  # fmt: skip
+@pytest.mark.parametrize("query_inputs", [False, True], ids=["positions", "with-inputs"])
+@pytest.mark.parametrize("query_type", ["fourier", "learned"])
+def test_decoder_matches_a_hand_computation(fields, query_type, query_inputs):
+    config = tiny_config("token", decoder_query_type=query_type, decoder_query_inputs=query_inputs, **fields)
+    model = make_head("token", config)
+    decoder = model.decoder
+    with torch.no_grad():  # biases and norms away from their initial zeros and ones
+        for parameter in decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    latents, inputs = torch.randn(2, 8, 32), torch.randn(2, config.data_shape[0], 7)
+    if query_type == "learned":
+        queries = decoder.queries[:7].expand(2, -1, -1)
+    else:
+        queries = decoder.query_proj(decoder.position_features((7,))).expand(2, -1, -1)
+    if query_inputs:  # each query plus its own input element
+        queries = queries + decoder.input_proj(inputs.transpose(1, 2))
+    else:
+        assert decoder.input_proj is None
+    outputs, _ = decoder(latents, inputs)
+    torch.testing.assert_close(outputs, reference_decoder(decoder, latents, queries, config), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Perceiver IO heads: attention backends, attention weights, gradient checkpointing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PER_ELEMENT)
+def test_heads_eager_and_sdpa_agree(kind):
+    config = tiny_config(kind, decoder_heads=2)
+    sdpa = make_head(kind, config)
+    eager = make_head(kind, config, "eager", state_dict=sdpa.state_dict())
+    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+    inputs = labelled_inputs(kind)
+    assert_same_outputs_and_gradients(outputs_and_gradients(sdpa, inputs), outputs_and_gradients(eager, inputs))
+
+
+@pytest.mark.parametrize("kind", PER_ELEMENT)
+def test_output_attentions_returns_the_decoders_cross_attention_last(kind):
+    model = make_head(kind, attn_implementation="eager", decoder_heads=2)
+    inputs = labelled_inputs(kind)
+    inputs.pop("labels")
+    seen = []
+    model.decoder.layer.cross_attention.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+    outputs = model(**inputs, output_attentions=True)
+
+    num_queries = outputs.logits.shape[1] if kind != "dense" else int(np.prod(outputs.logits.shape[2:]))
+    encoder_steps = len(model.config.layers_indice)
+    assert len(outputs.cross_attentions) == encoder_steps + 1
+    weights = outputs.cross_attentions[-1]
+    assert weights.shape == (3, 2, num_queries, model.config.num_latent_tokens)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 2, num_queries))
+    torch.testing.assert_close(weights, seen[0], rtol=0, atol=0)
+    for encoder_weights in outputs.cross_attentions[:-1]:  # the latents attend to the inputs, padding excluded
+        assert encoder_weights.shape == (3, model.config.cross_heads, model.config.num_latent_tokens, num_queries)
+        assert encoder_weights[1].reshape(2, 8, -1)[..., ~inputs["attention_mask"][1].flatten().bool()].abs().max() == 0
+    assert len(outputs.attentions) == sum(model.config.num_latent_transformers_in_layers[i]
+                                          for i in model.config.layers_indice)  # fmt: skip
+    assert model(**inputs).cross_attentions is None  # not asked: nothing recorded
+    sdpa = make_head(kind, model.config, "sdpa", state_dict=model.state_dict())
+    assert not any(w is not None for w in sdpa(**inputs, output_attentions=True).cross_attentions or ())  # eager only
+
+
+def test_head_output_flags_from_the_config_and_tuple_outputs():
+    """`config.output_attentions` / `output_hidden_states` as defaults, and `return_dict=False` as in transformers."""
+    config = tiny_config("mlm", output_attentions=True, output_hidden_states=True)
+    model = make_head("mlm", config, "eager")
+    input_ids = token_ids(2, 7)
+    outputs = model(input_ids)
+    steps = len(config.layers_indice)
+    layers = sum(1 + config.num_latent_transformers_in_layers[i] for i in config.layers_indice)
+    assert len(outputs.cross_attentions) == steps + 1 and outputs.cross_attentions[-1].shape == (2, 1, 7, 8)
+    assert len(outputs.hidden_states) == layers + 1  # the latents before the first and after every encoder layer
+    assert all(state.shape == (2, 8, 32) for state in outputs.hidden_states)
+    loss, logits = model(input_ids, labels=input_ids, return_dict=False, output_attentions=False,
+                         output_hidden_states=False)  # fmt: skip
+    assert loss.dim() == 0 and logits.shape == (2, 7, VOCAB_SIZE)
+    torch.testing.assert_close(logits, outputs.logits, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("kind", PER_ELEMENT)
+def test_heads_gradient_checkpointing_gives_the_same_gradients(kind, reentrant):
+    reference = make_head(kind).train()  # no dropout: training mode is deterministic
+    checkpointed = make_head(kind, state_dict=reference.state_dict()).train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert checkpointed.is_activation_checkpointing
+    layer = checkpointed.decoder.layer
+    assert isinstance(layer, PerceiverLiteLayer) and layer.gradient_checkpointing
+    calls = []
+    layer.mlp.register_forward_pre_hook(lambda *args: calls.append("decoder mlp"))
+    inputs = labelled_inputs(kind)
+    assert_same_outputs_and_gradients(
+        outputs_and_gradients(reference, inputs), outputs_and_gradients(checkpointed, inputs), rtol=1e-4
+    )
+    assert calls == ["decoder mlp", "decoder mlp"]  # the forward, then its recomputation in backward
