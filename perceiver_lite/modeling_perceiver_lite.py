@@ -1208,9 +1208,12 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`(cos, sin)`, `(B or 1, 1, L, head_dim)`, of the rotary angles of integer `positions` `(B or 1, L)`: frequencies
-    `theta ** (-2i / head_dim)`, as Llama's; the angles in float32 (as Llama's), then in `dtype`."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    angles = positions[..., None].float() * theta**-exponents  # (B or 1, L, head_dim / 2)
+    `theta ** (-2i / head_dim)`, as Llama's. The angles are computed in float64 (float32 on mps, which has none) and
+    rounded once to `dtype`: a product of a query and a key then depends on their positions' difference alone up to
+    `dtype`'s rounding, so that a shifted window (a left-padded sample) agrees to float64 rounding in float64 too."""
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=wide) / head_dim
+    angles = positions[..., None].to(wide) * theta**-exponents  # (B or 1, L, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B or 1, 1, L, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
