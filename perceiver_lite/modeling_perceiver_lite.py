@@ -1451,8 +1451,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             `Cache` is replaced by one).
         use_cache (`bool`, *optional*): return a cache (default: where one is given).
         """
+        unsupported = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
+        if unsupported:
+            raise ValueError(f"PerceiverLiteForCausalLM returns no attentions or hidden states: pass {unsupported[0]}=False")
         use_cache = cache is not None if use_cache is None else use_cache
-        if self.is_activation_checkpointing and self.training:
+        if self.training and self.is_activation_checkpointing:
             use_cache = False  # as transformers' layers: recomputed layers would append twice
         cache = self._check_causal_inputs(input_ids, attention_mask, labels, cache if use_cache else None)
         if use_cache and cache is None:
@@ -1565,7 +1568,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             cache = None
         past = 0 if cache is None else cache.seen_tokens
         context = self.config.data_shape[1]
-        if cache is None and length > context:
+        if length > context:
             raise ValueError(
                 f"`input_ids` has shape {list(input_ids.shape)}: {length} tokens exceed the longest context "
                 f"data_shape[1] = {context}; pass the last {context} tokens (generate keeps them itself)"

@@ -225,7 +225,7 @@ def test_greedy_generation_with_cache_equals_without_and_full_forwards(kind, pro
     assert torch.equal(without_cache, expected)
 
 
-@pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
+@pytest.mark.parametrize("prompt_length", [2, CONTEXT + 3])
 def test_sampling_with_cache_equals_without(prompt_length):
     model = tiny_model()
     prompt = random_ids(2, prompt_length)
@@ -297,6 +297,7 @@ BAD_INPUTS = {
     "mask shape": (dict(input_ids=torch.full((2, 5), 5), attention_mask=torch.ones(2, 4)), ValueError, r"attention_mask.*\[2, 5\].*\[2, 4\]"),
     "labels shape": (dict(input_ids=torch.full((2, 5), 5), labels=torch.full((2, 4), 5)), ValueError, r"labels.*\[2, 5\].*\[2, 4\]"),
     "float ids": (dict(input_ids=torch.ones(2, 5)), TypeError, r"input_ids.*integer"),
+    "attentions": (dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=False"),
 }
 
 
