@@ -30,6 +30,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -1432,6 +1433,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             # tied to the LM head: at the other heads' unit scale, the first logits would be of size sqrt(E)
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")  # transformers' old name, as its models take it
     @can_return_tuple
     def forward(
         self,
