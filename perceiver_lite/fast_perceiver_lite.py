@@ -169,7 +169,7 @@ CONFIG_DECISIONS = {
     "cross_ff_dim": SERVED,
     "cross_attention_query_residual": SERVED,
     "input_projection_dim": SERVED,
-    "position_encoding_type": SERVED,
+    "position_encoding_type": lambda config: config.position_encoding_type in ("fourier", "learned"),
     "position_dim": SERVED,
     "concat_positions": SERVED,
     "decoder_dim": SERVED,
@@ -185,6 +185,8 @@ CONFIG_DECISIONS = {
     "latent_initializer_range": IRRELEVANT,
     "gated_feed_forward": SERVED,
     "sparse_prediction": SERVED,
+    "prefix_dropout": IRRELEVANT,  # read by the causal LM alone, which runs the reference
+    "rope_theta": IRRELEVANT,  # likewise
 }
 
 
