@@ -180,29 +180,23 @@ class PerceiverLiteModelTester:
         return self.prepare_inputs(spatial_shape, batch_size)
 
     def prepare_labelled_inputs(self, batch_size=None) -> dict:
-        """Inputs with a padding mask (sample 1 padded) and labels: per element for the Perceiver IO heads (-100 on
-        about half the tokens and on the padding), per sample for the classifiers."""
+        """A Perceiver IO head's inputs with a padding mask (sample 1 padded) and per-element labels: class ids on a
+        6 x 7 grid for the dense head; for the token heads, 10 tokens labelled but for about half of them and the
+        padding (-100)."""
         batch_size = batch_size or self.batch_size
-        num_classes = VOCAB_SIZE if self.kind == "mlm" else self.num_labels
-        if self.kind in ("dense", "image", "base"):
+        if self.kind == "dense":
             mask = torch.ones(batch_size, 6, 7, dtype=torch.long)
             mask[1, 4:] = 0
             mask[1, :, 5:] = 0
-            inputs = {MODELS[self.kind].input_name: self.prepare_inputs((6, 7), batch_size), "attention_mask": mask}
-        else:
-            mask = length_mask([10, 6, 9][:batch_size] + [10] * max(0, batch_size - 3), 10)
-            inputs = {MODELS[self.kind].input_name: self.prepare_main_input(batch_size, (10,)), "attention_mask": mask}
-        if self.kind == "base":
-            return inputs
-        if self.kind == "dense":
-            labels = torch.randint(0, num_classes, (batch_size, 6, 7))
-        elif self.kind in PER_ELEMENT:
-            labels = torch.randint(0, num_classes, (batch_size, 10))
-            labels[torch.rand(batch_size, 10) < 0.5] = -100
-            labels[mask == 0] = -100
-        else:
-            labels = torch.randint(0, num_classes, (batch_size,))
-        return {**inputs, "labels": labels}
+            pixel_values = self.prepare_inputs((6, 7), batch_size)
+            labels = torch.randint(0, self.num_labels, (batch_size, 6, 7))
+            return {"pixel_values": pixel_values, "attention_mask": mask, "labels": labels}
+        input_ids = self.prepare_main_input(batch_size, (10,))
+        mask = length_mask([10, 6, 9][:batch_size] + [10] * max(0, batch_size - 3), 10)
+        labels = torch.randint(0, VOCAB_SIZE if self.kind == "mlm" else self.num_labels, (batch_size, 10))
+        labels[torch.rand(batch_size, 10) < 0.5] = -100
+        labels[mask == 0] = -100
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 @pytest.fixture(autouse=True)
@@ -268,7 +262,7 @@ def length_mask(lengths, max_length: int) -> torch.Tensor:
     return (torch.arange(max_length) < torch.as_tensor(lengths)[:, None]).long()
 
 
-def outputs_and_gradients(model, inputs: dict):
+def logits_loss_and_gradients(model, inputs: dict):
     """`(logits, loss, {name: gradient})` of one forward and backward of the loss."""
     model.zero_grad()
     outputs = model(**inputs)
@@ -277,8 +271,8 @@ def outputs_and_gradients(model, inputs: dict):
     return outputs.logits.detach(), outputs.loss.detach(), gradients
 
 
-def assert_same_outputs_and_gradients(first, second, atol=ATOL, rtol=1e-4):
-    """Two `outputs_and_gradients` agree: logits and loss within `atol`, every gradient within `rtol` / `atol`."""
+def assert_same_logits_loss_and_gradients(first, second, atol=ATOL, rtol=1e-4):
+    """Two `logits_loss_and_gradients` agree: logits and loss within `atol`, every gradient within `rtol` / `atol`."""
     (logits1, loss1, grads1), (logits2, loss2, grads2) = first, second
     torch.testing.assert_close(logits1, logits2, rtol=0, atol=atol)
     torch.testing.assert_close(loss1, loss2, rtol=0, atol=atol)

@@ -893,10 +893,10 @@ from conftest import (  # noqa: E402
     MODELS,
     PER_ELEMENT,
     PerceiverLiteModelTester,
-    assert_same_outputs_and_gradients,
+    assert_same_logits_loss_and_gradients,
     labelled_inputs,
     make_head,
-    outputs_and_gradients,
+    logits_loss_and_gradients,
     tiny_config,
 )
 
@@ -927,14 +927,14 @@ def test_fast_decoder_matches_the_reference(kind, queries, masked, autocast_dtyp
 
     def run(model):
         with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            return outputs_and_gradients(model, inputs)
+            return logits_loss_and_gradients(model, inputs)
 
     fast_run = run(fast)
     assert calls == []
     reference_run = run(reference)
     assert len(calls) == num_attentions(reference.config) + 1  # the encoder's, then the decoder's
     if autocast_dtype is None:
-        assert_same_outputs_and_gradients(fast_run, reference_run)
+        assert_same_logits_loss_and_gradients(fast_run, reference_run)
         return
     # bfloat16: both runs round differently; each gradient within 5 % of its largest entry (post-norm gives some ~100)
     torch.testing.assert_close(fast_run[0], reference_run[0], rtol=0.05, atol=0.1)
@@ -955,9 +955,9 @@ def test_fast_decoder_pooling_matches_the_reference(kind, monkeypatch):
     inputs = {MODELS[kind].input_name: tester.prepare_main_input(3, (10,) if kind == "text" else None)}
     inputs["labels"] = torch.randint(0, 3, (3,))
     calls = count_reference_attention(monkeypatch)
-    fast_run = outputs_and_gradients(fast, inputs)
+    fast_run = logits_loss_and_gradients(fast, inputs)
     assert calls == []
-    assert_same_outputs_and_gradients(fast_run, outputs_and_gradients(reference, inputs))
+    assert_same_logits_loss_and_gradients(fast_run, logits_loss_and_gradients(reference, inputs))
 
 
 def _layer(model, block, index=None):
@@ -1029,10 +1029,10 @@ def test_heads_with_encoder_options_agree_with_the_reference(kind, option):
     reference = make_head(kind, tiny_config(kind, use_fast_paths=False, **fields), state_dict=model.state_dict())
     eager = make_head(kind, tiny_config(kind, **fields), "eager", state_dict=model.state_dict())
     inputs = labelled_inputs(kind)
-    fast_run, reference_run = outputs_and_gradients(model, inputs), outputs_and_gradients(reference, inputs)
+    fast_run, reference_run = logits_loss_and_gradients(model, inputs), logits_loss_and_gradients(reference, inputs)
     if plan is None:
         assert torch.equal(fast_run[0], reference_run[0]) and torch.equal(fast_run[1], reference_run[1])
-    assert_same_outputs_and_gradients(fast_run, reference_run)
+    assert_same_logits_loss_and_gradients(fast_run, reference_run)
     torch.testing.assert_close(eager(**inputs).logits, fast_run[0], rtol=0, atol=ATOL)
     # sample 1 alone, unpadded, gives the same outputs as in the padded batch
     with torch.no_grad():

@@ -15,12 +15,12 @@ from conftest import (
     NUM_LABELS,
     VOCAB_SIZE,
     PerceiverLiteModelTester,
-    assert_same_outputs_and_gradients,
+    assert_same_logits_loss_and_gradients,
     labelled_inputs,
     length_mask,
     make_head,
     tiny_config,
-    outputs_and_gradients,
+    logits_loss_and_gradients,
     token_ids,
     training_arguments,
 )
@@ -483,8 +483,8 @@ def test_sparse_prediction_gives_the_labelled_rows_loss_and_gradients_of_the_den
     inputs["labels"][2] = -100
     labelled = inputs["labels"] != -100
     assert len(set(labelled.sum(1).tolist())) > 2  # the padded columns of the gathered queries are exercised
-    dense_logits, dense_loss, dense_grads = outputs_and_gradients(dense, inputs)
-    sparse_logits, sparse_loss, sparse_grads = outputs_and_gradients(sparse, inputs)
+    dense_logits, dense_loss, dense_grads = logits_loss_and_gradients(dense, inputs)
+    sparse_logits, sparse_loss, sparse_grads = logits_loss_and_gradients(sparse, inputs)
     assert sparse_logits.shape == (int(labelled.sum()), dense_logits.shape[-1])
     torch.testing.assert_close(sparse_logits, dense_logits[labelled], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse_loss, dense_loss, rtol=1e-5, atol=1e-6)
@@ -607,4 +607,4 @@ def test_masked_lm_at_another_width_fast_paths_match_the_reference(width):
     reference = make_head("mlm", tiny_config("mlm", decoder_dim=WIDTHS[width], use_fast_paths=False),
                           state_dict=fast.state_dict()).train()  # fmt: skip
     inputs = labelled_inputs("mlm")
-    assert_same_outputs_and_gradients(outputs_and_gradients(fast, inputs), outputs_and_gradients(reference, inputs))
+    assert_same_logits_loss_and_gradients(logits_loss_and_gradients(fast, inputs), logits_loss_and_gradients(reference, inputs))

@@ -14,10 +14,10 @@ from conftest import (
     PER_ELEMENT,
     VOCAB_SIZE,
     PerceiverLiteModelTester,
-    assert_same_outputs_and_gradients,
+    assert_same_logits_loss_and_gradients,
     labelled_inputs,
+    logits_loss_and_gradients,
     make_head,
-    outputs_and_gradients,
     tiny_config,
     token_ids,
 )
@@ -769,7 +769,7 @@ def test_heads_eager_and_sdpa_agree(kind):
     eager = make_head(kind, config, "eager", state_dict=sdpa.state_dict())
     assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
     inputs = labelled_inputs(kind)
-    assert_same_outputs_and_gradients(outputs_and_gradients(sdpa, inputs), outputs_and_gradients(eager, inputs))
+    assert_same_logits_loss_and_gradients(logits_loss_and_gradients(sdpa, inputs), logits_loss_and_gradients(eager, inputs))
 
 
 @pytest.mark.parametrize("kind", PER_ELEMENT)
@@ -828,7 +828,7 @@ def test_heads_gradient_checkpointing_gives_the_same_gradients(kind, reentrant):
     calls = []
     layer.mlp.register_forward_pre_hook(lambda *args: calls.append("decoder mlp"))
     inputs = labelled_inputs(kind)
-    assert_same_outputs_and_gradients(
-        outputs_and_gradients(reference, inputs), outputs_and_gradients(checkpointed, inputs), rtol=1e-4
+    assert_same_logits_loss_and_gradients(
+        logits_loss_and_gradients(reference, inputs), logits_loss_and_gradients(checkpointed, inputs), rtol=1e-4
     )
     assert calls == ["decoder mlp", "decoder mlp"]  # the forward, then its recomputation in backward
