@@ -92,13 +92,15 @@ class FeedForward(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class LayerRoute:
     """What one `PerceiverLiteLayer` runs: its self-attention's kernel, its cross-attention's keys and values and
-    kernel, whether the cross-attention's query is one array for the batch (normalised and projected once), and its
-    feed-forward; None for a part the layer does not have."""
+    kernel, whether the cross-attention's query is one array for the batch (projected once; `shared_norm`: normalised
+    once too, pre-norm: post-norm normalises the residual sum, which differs per sample), and its feed-forward; None for
+    a part the layer does not have."""
 
     self_attention: Kernel | None = None
     key_values: KeyValues | None = None
     cross_attention: Kernel | None = None
     shared_query: bool = False
+    shared_norm: bool = False
     feed_forward: FeedForward | None = None
 
 
@@ -236,7 +238,7 @@ def _module_served(module: nn.Module) -> bool:
     """`module` is of a served class, computes as its class does (no instance `forward`, projections and norms with
     their weight and bias), and no hook watches it. Read from the module's own dictionaries (`vars`, `_modules`):
     `getattr`'s misses go through `nn.Module.__getattr__`'s exception, at every module of every forward."""
-    if type(module) not in SERVED_MODULES and in_place_activation(module) is None or "forward" in vars(module):
+    if (type(module) not in SERVED_MODULES and in_place_activation(module) is None) or "forward" in vars(module):
         return False
     children = module._modules
     for names, plain in ((PROJECTIONS, nn.Linear), (NORMS, nn.LayerNorm)):
@@ -381,7 +383,8 @@ class _Routes:
             attention = layer.cross_attention
             cross_kernel = self.kernel(attention, rows * attention.num_heads * keys, keys_need_grad)
             key_values = key_values or KeyValues.TENSORS
-        return LayerRoute(self_kernel, key_values, cross_kernel, shared_query, self.feed_forward(layer.mlp, rows))
+        feed_forward = self.feed_forward(layer.mlp, rows)
+        return LayerRoute(self_kernel, key_values, cross_kernel, shared_query, shared_query and layer.pre_norm, feed_forward)
 
     def keys_need_grad(self, attention, inputs: torch.Tensor, *modules) -> bool:
         """Whether a cross-attention's keys and values of `inputs` need a gradient: the inputs do, or a parameter of
@@ -502,16 +505,12 @@ def run_layer(layer, plan: FastPlan, route: LayerRoute, hidden_states, key=None,
 
 
 def layer_forward(layer, plan: FastPlan, route: LayerRoute, hidden_states, key=None, value=None, padding_mask=None):
-    """`PerceiverLiteLayer.forward` along `route`. A shared query (`hidden_states` one array expanded along the batch)
-    is normalised once before the attention (pre-norm; post-norm normalises the residual sum, which differs per
-    sample) and projected once."""
+    """`PerceiverLiteLayer.forward` along `route`."""
     if route.self_attention is not None:
         attend = functools.partial(self_attention, layer.self_attention, route.self_attention)
         hidden_states = layer.sublayer(layer.self_attention_norm, attend, hidden_states)
     if route.key_values is not None:
-        norm = layer.cross_attention_norm
-        if route.shared_query and layer.pre_norm:
-            norm = shared_norm(norm)
+        norm = shared_norm(layer.cross_attention_norm) if route.shared_norm else layer.cross_attention_norm
         attend = functools.partial(cross_attention, layer.cross_attention, route)
         hidden_states = layer.sublayer(norm, attend, hidden_states, key, value, padding_mask, residual=layer.query_residual)
     if route.feed_forward is None:  # the decoder's layer without a feed-forward

@@ -445,6 +445,7 @@ def test_the_plan_records_every_route(model_tester):
     plan = plan_of(model)
     assert [route.key_values for route in plan.cross_layers] == [fast.KeyValues.GRID] * 3
     assert [route.shared_query for route in plan.cross_layers] == [True, False, False]
+    assert [route.shared_norm for route in plan.cross_layers] == [True, False, False]  # pre-norm
     assert plan.cross_layers[0].cross_attention is fast.Kernel.RECOMPUTED and plan.factored_inputs
     assert plan.latent_layer == fast.LayerRoute(self_attention=fast.Kernel.SDPA, feed_forward=fast.FeedForward.MODULE)
     masked = plan_of(model, attention_mask=padding_mask().flatten(1))
