@@ -264,12 +264,13 @@ class PerceiverLiteConfig(PreTrainedConfig):
         caller's line, shows once per line and typo, and `python -W error` or pytest's `filterwarnings` turn it into
         an error for whoever wants configs checked strictly."""
         fields = [field.name for field in dataclasses.fields(self) if not field.name.startswith("_")]
-        known = {*fields, *self.attribute_map, *TRANSFORMERS_KEYWORDS, *GenerationConfig._get_default_generation_params()}
+        generation = GenerationConfig._get_default_generation_params()  # dropped by transformers, as from any config
+        known = {*fields, *self.attribute_map, *TRANSFORMERS_KEYWORDS, *generation}
         for name in kwargs:
             if name in known:
                 continue
             close = difflib.get_close_matches(name, [*fields, *self.attribute_map], n=1)
-            hint = f"did you mean `{close[0]}`?" if close else "the fields are listed in PerceiverLiteConfig's docstring."
+            hint = f"did you mean `{close[0]}`?" if close else "the fields are listed in PerceiverLiteConfig's docstring"
             source = f" from {_config_source(kwargs['name_or_path'])}" if kwargs.get("name_or_path") else ""
             warnings.warn(
                 f"PerceiverLiteConfig got an unknown keyword `{name}` ({name}={kwargs[name]!r}){source}, which no part "

@@ -150,17 +150,20 @@ def check_labels(labels, batch_size: int, num_labels: int, problem_type: str | N
     else:
         (problem_type,) = readings
     if tuple(labels.shape) not in readings[problem_type]:
-        fits = [kind for kind, shapes in readings.items() if tuple(labels.shape) in shapes]
-        hint = f"; that is the shape of {LABEL_KINDS[fits[0]][0]}: convert them with {LABEL_KINDS[fits[0]][2]}" if fits else ""
+        fits = [LABEL_KINDS[kind] for kind, shapes in readings.items() if tuple(labels.shape) in shapes]
+        hint = f"; that is the shape of {fits[0][0]}: convert them with {fits[0][2]}" if fits else ""
         raise ValueError(
             f"`labels` must be {labels_text(readings)}, got {describe(labels)} of dtype {labels.dtype}{hint}"
         )
     kind, dtype_text, conversion = LABEL_KINDS[problem_type]
-    check_tensor("labels", labels, lambda: labels_text(readings), floating=None if problem_type == SINGLE_LABEL else True)
+    floating = None if problem_type == SINGLE_LABEL else True
+    check_tensor("labels", labels, lambda: labels_text(readings), floating=floating)
     if problem_type != SINGLE_LABEL:
         return
     if labels.dtype != torch.long:
-        raise TypeError(f"`labels` must be {kind} ({dtype_text}), got dtype {labels.dtype}; convert them with {conversion}")
+        raise TypeError(
+            f"`labels` must be {kind} ({dtype_text}), got dtype {labels.dtype}; convert them with {conversion}"
+        )
     invalid = (labels != -100) & ((labels < 0) | (labels >= num_labels))
     if has_values(labels) and invalid.any():
         raise ValueError(

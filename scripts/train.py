@@ -139,7 +139,8 @@ def parse_arguments(args: list[str] | None = None) -> tuple[ModelArguments, Data
     if unknown:
         flags = [flag for action in parser._actions for flag in action.option_strings]
         close = difflib.get_close_matches(unknown[0], flags, n=1)
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+        suggestion = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{suggestion}")
     return tuple(parsed)
 
 
@@ -164,7 +165,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         if not valid(value):
             raise UsageError(f"--{flag} must be {expected}, got {value}")
     if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
-        raise UsageError(f"--num_train_epochs must be positive (or --max_steps set), got {training_args.num_train_epochs}")
+        epochs = training_args.num_train_epochs
+        raise UsageError(f"--num_train_epochs must be positive (or --max_steps set), got {epochs}")
     if data_args.dataset_name and data_args.train_dir:
         raise UsageError("give either --dataset_name or --train_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
