@@ -4,7 +4,8 @@ the argument, what was expected and what came.
 Checks of shapes and dtypes always run. Checks of values (finite floats, 0/1 masks, label and token ranges) read values
 back, so they run only on concrete tensors: not on the meta device (shapes only: counting FLOPs, building models) and
 not while the model is traced (`torch.export`, `torch.onnx.export`, `torch.compile`, `torch.jit.trace`), where a value
-would be a data-dependent branch of the traced graph.
+would be a data-dependent branch of the traced graph. Messages are written only when a check fails, so that the checks
+trace into one graph under `torch.compile(fullgraph=True, dynamic=True)`, where shapes are symbols.
 """
 
 import torch
