@@ -84,11 +84,19 @@ class ReadmeRun:
             if earlier.index not in self.results and earlier.marker != "skip":
                 script = self.folder / f"readme_{earlier.id}.py"
                 script.write_text(earlier.code)
-                self.results[earlier.index] = subprocess.run(
-                    [sys.executable, script.name], cwd=self.folder, env=environment(), capture_output=True, text=True,
-                    timeout=1200,
-                )  # fmt: skip
+                self.results[earlier.index] = run_script(script)
         return self.results[block.index]
+
+
+def run_script(script: Path, timeout: int = 1200) -> subprocess.CompletedProcess:
+    """Run `script` in its folder; a run past `timeout` seconds counts as a failure (and is not run again)."""
+    command = [sys.executable, script.name]
+    try:
+        return subprocess.run(command, cwd=script.parent, env=environment(), capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout
+        return subprocess.CompletedProcess(command, -1, stdout or "", f"timed out after {timeout} s")
 
 
 @pytest.fixture(scope="module")
