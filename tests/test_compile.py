@@ -3,8 +3,8 @@
 recompilation when the batch size changes.
 
 The graph breaks and guards are dynamo's, whatever the backend, so the heads compile with `aot_eager` (dynamo and
-AOTAutograd's forward and backward graphs, no code generation: seconds instead of a minute on 2 cores); one test
-compiles a head with the default backend, inductor, where a C++ compiler is present.
+AOTAutograd's forward and backward graphs, without inductor's code generation, the slow part on a CPU); one test
+compiles the base model with the default backend, inductor, where a C++ compiler is present.
 """
 
 import shutil
