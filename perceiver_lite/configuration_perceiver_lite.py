@@ -1,9 +1,30 @@
 """PerceiverLite model configuration."""
 
+import dataclasses
+import difflib
 import math
 import os
+import sys
+import warnings
 
-from transformers import PreTrainedConfig
+import transformers
+from transformers import GenerationConfig, PreTrainedConfig
+
+
+# Keywords that transformers itself writes into a `config.json` or passes to a config, beside the dataclass fields of
+# `PreTrainedConfig`: never a typo. transformers 4.x wrote the legacy ones into every saved config.
+TRANSFORMERS_KEYWORDS = {
+    "architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype", "name_or_path",
+    "_name_or_path", "_commit_hash", "num_labels", "id2label", "label2id", "problem_type", "attn_implementation",
+    "experts_implementation", "output_attentions", "per_layer_config", "_attn_implementation",
+    "_attn_implementation_internal", "_attn_implementation_autoset", "_experts_implementation",
+    "_experts_implementation_internal",
+    # legacy fields of transformers 4.x configs
+    "return_dict", "output_hidden_states", "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "tie_encoder_decoder", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tokenizer_class", "prefix", "bos_token_id", "pad_token_id", "eos_token_id",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "finetuning_task", "use_cache",
+}  # fmt: skip
 
 
 class PerceiverLiteConfig(PreTrainedConfig):
@@ -242,6 +263,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     rope_theta: float | int = 10000.0
 
     def __post_init__(self, **kwargs):
+        self._warn_unknown_keywords(kwargs)
         for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):
             setattr(self, name, list(getattr(self, name)))
         if self.cross_attend_blocks is not None:
@@ -252,6 +274,30 @@ class PerceiverLiteConfig(PreTrainedConfig):
         self._validate()
         if self.cross_kv_dim is None:
             self.cross_kv_dim = self.expected_cross_kv_dim
+
+    def _warn_unknown_keywords(self, kwargs: dict):
+        """Warn about each keyword that is neither a field, an alias (`attribute_map`) nor one of transformers' own
+        keys, naming the closest field: `PerceiverLiteConfig(dmi=64)` is a typo of `dim`. transformers keeps unknown
+        keywords as attributes that nothing reads, so without the warning the typo would silently build a model of
+        the default width. A warning, not an error, because a `config.json` with extra keys (written by another
+        version, or by a user) must still load. `warnings.warn` rather than `logger.warning`: it points at the
+        caller's line, shows once per line and typo, and `python -W error` or pytest's `filterwarnings` turn it into
+        an error for whoever wants configs checked strictly."""
+        fields = [field.name for field in dataclasses.fields(self) if not field.name.startswith("_")]
+        generation = GenerationConfig._get_default_generation_params()  # dropped by transformers, as from any config
+        known = {*fields, *self.attribute_map, *TRANSFORMERS_KEYWORDS, *generation}
+        for name in kwargs:
+            if name in known:
+                continue
+            close = difflib.get_close_matches(name, [*fields, *self.attribute_map], n=1)
+            hint = f"did you mean `{close[0]}`?" if close else "the fields are listed in PerceiverLiteConfig's docstring"
+            source = f" from {_config_source(kwargs['name_or_path'])}" if kwargs.get("name_or_path") else ""
+            warnings.warn(
+                f"PerceiverLiteConfig got an unknown keyword `{name}` ({name}={kwargs[name]!r}){source}, which no part "
+                f"of the model reads; {hint}",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -438,6 +484,18 @@ class PerceiverLiteConfig(PreTrainedConfig):
                 "frequency_base",
                 f"must be in (0, resolution / 2 = {min(resolutions) / 2}] (the highest band), got {self.frequency_base}",
             )
+
+
+def _caller_stacklevel() -> int:
+    """The `stacklevel` of `warnings.warn`, called from the caller of this function, that points at the first frame
+    outside this file, transformers and the dataclass-generated `__init__`: the user's line."""
+    internal = (os.path.dirname(transformers.__file__), os.path.dirname(dataclasses.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename in (__file__, "<string>") or frame.f_code.co_filename.startswith(internal)
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _config_source(name_or_path) -> str:

@@ -16,7 +16,9 @@ Every `TrainingArguments` flag works (`--max_steps`, `--bf16`, `--gradient_check
 `--resume_from_checkpoint`, `--push_to_hub --hub_model_id ...`); the defaults below are tuned for the digits.
 """
 
+import difflib
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -79,6 +81,10 @@ class UsageError(Exception):
     """A bad argument: the script reports it in one sentence and exits, without a traceback."""
 
 
+def raise_usage_error(message: str):
+    raise UsageError(message)
+
+
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(
@@ -125,14 +131,42 @@ def parse_arguments(args: list[str] | None = None) -> tuple[ModelArguments, Data
     # Without an accelerator, `use_cpu` makes `torchrun` / `accelerate launch` train data-parallel (gloo) on the CPU;
     # otherwise transformers runs one independent, non-distributed training in each process.
     parser.set_defaults(**DEFAULT_TRAINING_ARGUMENTS, use_cpu=not torch.accelerator.is_available())
+    parser.error = raise_usage_error  # argparse's own errors (an unknown flag, a bad number) in one line too
     try:
-        return parser.parse_args_into_dataclasses(args)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ValueError as error:  # TrainingArguments' own checks of flag combinations
         raise UsageError(one_line(error)) from None
+    if unknown:
+        flags = [flag for action in parser._actions for flag in action.option_strings]
+        close = difflib.get_close_matches(unknown[0], flags, n=1)
+        suggestion = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}{suggestion}")
+    return tuple(parsed)
+
+
+# Numeric flags and the values they take, with the reason where it is not plain (the model's sizes are checked by
+# `PerceiverLiteConfig`, the flag combinations by `TrainingArguments`).
+NUMERIC_FLAGS = {
+    "image_size": (lambda n: n > 0, "a positive number of pixels"),
+    "per_device_train_batch_size": (lambda n: n > 0, "a positive integer"),
+    "per_device_eval_batch_size": (lambda n: n > 0, "a positive integer"),
+    "gradient_accumulation_steps": (lambda n: n > 0, "a positive integer"),
+    "learning_rate": (lambda x: x >= 0, "a number >= 0"),
+    "weight_decay": (lambda x: x >= 0, "a number >= 0"),
+    "label_smoothing_factor": (lambda x: 0 <= x < 1, "in [0, 1)"),
+    "seed": (lambda n: 0 <= n < 2**32, "in [0, 2**32)"),
+}
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """Catch bad arguments before anything is loaded or trained."""
+    for flag, (valid, expected) in NUMERIC_FLAGS.items():
+        value = next(getattr(args, flag) for args in (model_args, training_args) if hasattr(args, flag))
+        if not valid(value):
+            raise UsageError(f"--{flag} must be {expected}, got {value}")
+    if training_args.max_steps <= 0 and not training_args.num_train_epochs > 0:
+        epochs = training_args.num_train_epochs
+        raise UsageError(f"--num_train_epochs must be positive (or --max_steps set), got {epochs}")
     if data_args.dataset_name and data_args.train_dir:
         raise UsageError("give either --dataset_name or --train_dir, not both")
     if data_args.validation_dir and not data_args.train_dir:
@@ -153,6 +187,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint not in (None, "True") and not os.path.isdir(checkpoint):
         raise UsageError(f"--resume_from_checkpoint {checkpoint!r} is not a folder (or True for the newest checkpoint)")
+    build_config(model_args, label_names=["0", "1"])  # the architecture, before the data are loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,8 +400,9 @@ def main(args: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(1)
     try:
         return train(*parse_arguments(args))
-    except UsageError as error:
-        raise SystemExit(f"train.py: error: {error}") from None
+    except UsageError as error:  # as argparse's `parser.error`, without its usage text: status 2, one line on stderr
+        print(f"train.py: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         if torch.distributed.is_initialized():  # under torchrun: a process group left to exit can abort the process
             torch.distributed.destroy_process_group()

@@ -1,5 +1,6 @@
 """PerceiverLiteConfig: the seed README's usage, defaults, aliases, round-trips and validation."""
 
+import json
 import re
 
 import pytest
@@ -248,3 +249,46 @@ def test_config_changed_after_construction_is_validated_when_a_model_is_built(ch
     field = "dim" if "heads" in change else "cross_kv_dim"
     with pytest.raises(ValueError, match=rf"`{field}`"):
         PerceiverLiteModel(config)
+
+
+def test_unknown_keyword_warns_naming_the_closest_field():
+    """A typo is kept as an attribute that nothing reads (transformers' behaviour): the warning says so and names the
+    field meant, at the caller's line."""
+    with pytest.warns(UserWarning, match=r"unknown keyword `dmi` \(dmi=64\).*did you mean `dim`\?") as record:
+        config = PerceiverLiteConfig(dmi=64)
+    assert record[0].filename == __file__
+    assert config.dim == 512
+    with pytest.warns(UserWarning, match=r"`num_latent_token`.*did you mean `num_latent_tokens`\?"):
+        PerceiverLiteConfig(num_latent_token=8)
+    with pytest.warns(UserWarning, match=r"`zzz`.*fields are listed in PerceiverLiteConfig's docstring"):
+        PerceiverLiteConfig(zzz=1)
+
+
+def test_fields_aliases_and_transformers_keywords_do_not_warn(recwarn):
+    PerceiverLiteConfig(
+        dim=64, hidden_size=64, num_attention_heads=4, num_labels=3, problem_type="single_label_classification",
+        torch_dtype="float32", dtype="float32", architectures=["PerceiverLiteModel"], name_or_path="x",
+        auto_map={"AutoConfig": "configuration_perceiver_lite.PerceiverLiteConfig"}, transformers_version="5.0.0",
+        attn_implementation="eager", output_attentions=False, return_dict=True, pad_token_id=0,
+    )  # fmt: skip
+    assert [str(w.message) for w in recwarn if "PerceiverLiteConfig" in str(w.message)] == []
+
+
+def test_config_file_with_an_extra_key_loads_with_a_warning(tmp_path, recwarn):
+    """A `config.json` with a key this version does not know (written by another version, or by hand) loads; the
+    warning names the key and the file. The keys transformers writes never warn."""
+    PerceiverLiteModel(PerceiverLiteConfig(dim=32, heads=4, num_latent_tokens=4, data_shape=[3, 8, 8], resolution=8,
+                                           num_bands=4, id2label={0: "a", 1: "b"})).save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    saved = json.loads(config_file.read_text())
+    assert {"architectures", "auto_map", "transformers_version", "id2label", "label2id", "dtype"} <= saved.keys()
+    for config in (PerceiverLiteConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert config.id2label == {0: "a", 1: "b"}
+    assert [str(w.message) for w in recwarn if "PerceiverLiteConfig" in str(w.message)] == []
+
+    config_file.write_text(json.dumps({**saved, "torch_dtype": "float32", "_name_or_path": "x", "latent_size": 7}))
+    for load in (PerceiverLiteConfig.from_pretrained, AutoConfig.from_pretrained, PerceiverLiteModel.from_pretrained):
+        with pytest.warns(UserWarning, match=r"unknown keyword `latent_size` .*config\.json") as record:
+            loaded = load(tmp_path)
+        assert len([w for w in record if "PerceiverLiteConfig" in str(w.message)]) == 1
+        assert getattr(loaded, "config", loaded).dim == 32

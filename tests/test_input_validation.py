@@ -298,9 +298,29 @@ INVALID = [
         "label_float_single", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0.0, 1.0, 2.0])),
         TypeError, "`labels`", "torch.long", "torch.float32", problem_type='single_label_classification',
     ),
-    case(
+    case(  # without problem_type both readings are named, and how to make a tensor
         "label_list", "image", lambda: dict(pixel_values=pixels(), labels=[0, 1, 2]),
-        TypeError, "`labels`", "torch.Tensor", "list",
+        TypeError, "`labels` must be a torch.Tensor", "class ids of shape [3] or [3, 1] (torch.long)",
+        "multi-hot targets of shape [3, 3] (floats)", "got list", "torch.tensor(labels)",
+    ),
+    case(
+        "label_list_single", "text", lambda: dict(input_ids=token_ids(), labels=[0, 1, 2]),
+        TypeError, "class ids of shape [3] or [3, 1] (torch.long), got list", "torch.tensor(labels)",
+        problem_type="single_label_classification",
+    ),
+    case(
+        "label_numpy", "image", lambda: dict(pixel_values=pixels(), labels=np.array([0, 1, 2])),
+        TypeError, "got ndarray", "torch.from_numpy(labels)",
+    ),
+    case(  # float class ids: the dtype says multi-hot, the shape says class ids
+        "inferred_float_class_ids", "image", lambda: dict(pixel_values=pixels(), labels=torch.tensor([0.0, 1.0, 2.0])),
+        ValueError, "class ids of shape [3] or [3, 1] (torch.long) or multi-hot targets of shape [3, 3] (floats)",
+        "problem_type is unset", "got shape [3] of dtype torch.float32", "the shape of class ids", "`.long()`",
+    ),
+    case(  # integer multi-hot targets: the dtype says class ids, the shape says multi-hot
+        "inferred_int_multi_hot", "audio", lambda: dict(input_values=signal(), labels=torch.ones(BATCH, 3, dtype=torch.long)),
+        ValueError, "class ids of shape [3] or [3, 1]", "multi-hot targets of shape [3, 3]",
+        "got shape [3, 3] of dtype torch.int64", "the shape of multi-hot targets", "`.float()`",
     ),
     case(
         "multi_label_shape", "image", lambda: dict(pixel_values=pixels(), labels=torch.ones(BATCH, 2)),

@@ -92,33 +92,57 @@ BAD_ARGUMENTS = {
     "no checkpoint to resume": (["--resume_from_checkpoint", "True"], "found no checkpoint-* folder"),
     "missing config": (["--config_name", "/nonexistent/config.json"], "--config_name '/nonexistent/config.json'"),
     "invalid model size": (["--dim", "30"], "`dim` (30) must be divisible by `heads` (4)"),
+    "zero latents": (["--num_latent_tokens", "0"], "`num_latent_tokens` must be a positive integer, got 0"),
+    "negative dropout": (["--ff_dropout", "-0.1"], "`ff_dropout` must be in [0, 1), got -0.1"),
     "clashing Trainer flags": (["--load_best_model_at_end", "True", "--save_strategy", "no"], "--load_best_model"),
+    "negative image size": (["--image_size", "-3"], "--image_size must be a positive number of pixels, got -3"),
+    "zero image size": (["--image_size", "0"], "--image_size must be a positive number of pixels, got 0"),
+    "image size not a number": (["--image_size", "abc"], "invalid int value: 'abc'"),
+    "unknown flag": (["--image_sise", "8"], "unrecognized arguments: --image_sise 8 (did you mean --image_size?)"),
+    "zero batch size": (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive"),
+    "zero eval batch size": (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size must be a positive"),
+    "zero accumulation": (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be a positive"),
+    "negative learning rate": (["--learning_rate", "-1"], "--learning_rate must be a number >= 0, got -1.0"),
+    "negative weight decay": (["--weight_decay", "-0.5"], "--weight_decay must be a number >= 0, got -0.5"),
+    "label smoothing of 2": (["--label_smoothing_factor", "2"], "--label_smoothing_factor must be in [0, 1), got 2.0"),
+    "negative seed": (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    "no epochs": (["--num_train_epochs", "0", "--max_steps", "-1"], "--num_train_epochs must be positive"),
+    "train split of 1": (["--train_val_split", "1"], "--train_val_split must be between 0 and 1, got 1.0"),
 }
 
 
+def assert_one_error_line(stderr: str, expected: str):
+    lines = stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("train.py: error: ") and expected in lines[-1], stderr[-2000:]
+    assert "Traceback" not in stderr
+
+
 @pytest.mark.parametrize("case", BAD_ARGUMENTS)
-def test_bad_arguments_end_with_one_sentence(case, tmp_path):
+def test_bad_arguments_end_with_one_sentence(case, tmp_path, capsys):
+    """Every bad argument ends as argparse's own errors do: status 2 and one `train.py: error:` line, before training."""
     args, expected = BAD_ARGUMENTS[case]
     with pytest.raises(SystemExit) as exit_info:
-        train_script["main"]([*args, "--output_dir", str(tmp_path / "out"), *SHORT_RUN])
-    message = str(exit_info.value.code)
-    assert message.startswith("train.py: error: ") and expected in message, message
-    assert "\n" not in message
+        train_script["main"]([*SHORT_RUN, "--output_dir", str(tmp_path / "out"), *args])  # the case overrides
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert_one_error_line(stderr, expected)
+    assert stderr.count("train.py: error:") == 1
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
-def test_bad_argument_on_the_command_line_prints_no_traceback(tmp_path):
+@pytest.mark.parametrize("case", ["missing train folder", "negative image size", "zero image size", "image size not a number"])
+def test_bad_argument_on_the_command_line_prints_no_traceback(case, tmp_path):
+    args, expected = BAD_ARGUMENTS[case]
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--train_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out")],
+        [sys.executable, str(SCRIPT), *args, "--output_dir", str(tmp_path / "out")],
         capture_output=True,
         text=True,
-        env=script_environment(),
+        env={**script_environment(), "PYTHONPATH": str(SCRIPT.parents[1])},
         timeout=300,
     )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    expected = f"train.py: error: --train_dir '{tmp_path / 'missing'}' is not a folder"
-    assert result.stderr.strip().splitlines()[-1] == expected
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, expected)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="needs torchrun")
