@@ -103,6 +103,8 @@ class PerceiverLiteConfig(PreTrainedConfig):
             `"fourier"`: the Fourier features above. `"learned"`: a learned embedding per position of the nominal grid
             `data_shape[1:]`; an input of a smaller size takes the embeddings of its own positions (the top-left
             corner), a larger one is an error.
+            `"rotary"`: rotary position embeddings on the attention's queries and keys, no position channels (the
+            causal language model only, which needs it).
         position_dim (`int`, *optional*):
             Width of the learned position embeddings; `None` is the data width (`input_projection_dim` or `C`).
         concat_positions (`bool`, *optional*, defaults to `True`):
@@ -157,6 +159,17 @@ class PerceiverLiteConfig(PreTrainedConfig):
             The decoder's queries are independent of each other, so the skipped positions change nothing of the rest;
             at masked language modelling's 15 % that is about a seventh of the decoder's work. As ModernBERT's
             `sparse_prediction`. Without `labels` every position is decoded.
+
+        Causal language model (`PerceiverLiteForCausalLM`, Perceiver AR: Hawthorne et al., 2022). `data_shape` is
+        `[embedding width, longest context]`, `num_latent_tokens` the latent window (the last positions, which carry
+        the predictions), and `position_encoding_type="rotary"`:
+
+        prefix_dropout (`float`, *optional*, defaults to 0.0):
+            In training, the fraction of the prefix positions (the context before the latents) that each sample drops
+            from the cross-attention, chosen at random per sample (the paper's regularisation and training speed-up).
+            Evaluation and generation see the whole prefix.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            Base of the rotary position embeddings' frequencies (`position_encoding_type="rotary"`).
 
     Labels (`num_labels`, `id2label`, `label2id`, `problem_type`) work as in every transformers config.
 
@@ -220,6 +233,8 @@ class PerceiverLiteConfig(PreTrainedConfig):
     gated_feed_forward: bool = False
     latent_initializer_range: float | None = None
     sparse_prediction: bool = False
+    prefix_dropout: float | int = 0.0
+    rope_theta: float | int = 10000.0
 
     def __post_init__(self, **kwargs):
         for name in ("data_shape", "layers_indice", "num_latent_transformers_in_layers"):
@@ -271,6 +286,8 @@ class PerceiverLiteConfig(PreTrainedConfig):
         """Position channels of one input element: the Fourier features' or the learned embeddings' width."""
         if self.position_encoding_type == "fourier":
             return self.num_position_features
+        if self.position_encoding_type == "rotary":  # positions rotate the queries and keys: no channels
+            return 0
         return self.position_dim or self.data_width
 
     @property
@@ -325,7 +342,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
             fail("ff_dim_scale", f"must be a positive number, got {scale!r}")
         if len(self.data_shape) < 2 or any(not isinstance(n, int) or n <= 0 for n in self.data_shape):
             fail("data_shape", f"must be [C, *axes] with at least one axis and positive sizes, got {self.data_shape}")
-        for name in ("ff_dropout", "attention_dropout"):
+        for name in ("ff_dropout", "attention_dropout", "prefix_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)!r}")
         scale = self.decoder_ff_dim_scale
@@ -384,13 +401,21 @@ class PerceiverLiteConfig(PreTrainedConfig):
                     source = "decoder_dim" if kind == "decoder" else "dim"
                     fail(source, f"({channels}) must be divisible by `{heads_field}` ({heads}) when `head_dim` and "
                          f"`{field}` are None")  # fmt: skip
-        for field, allowed in (("position_encoding_type", ("fourier", "learned")),
+        for field, allowed in (("position_encoding_type", ("fourier", "learned", "rotary")),
                                ("decoder_query_type", ("fourier", "learned")),
                                ("classifier_pooling", ("mean", "decoder"))):  # fmt: skip
             if getattr(self, field) not in allowed:
                 fail(field, f"must be one of {list(allowed)}, got {getattr(self, field)!r}")
 
     def _validate_positions(self, fail):
+        if not self.rope_theta > 0:
+            fail("rope_theta", f"must be positive, got {self.rope_theta!r}")
+        if self.position_encoding_type == "rotary":
+            for kind, field in (("self", "qk_channels"), ("cross", "cross_qk_channels")):
+                heads, qk_channels, _ = self.attention_channels(kind)
+                if qk_channels // heads % 2:
+                    fail(field, f"gives odd query/key heads ({qk_channels} // {heads}); rotary positions rotate "
+                         "pairs of channels: use an even width per head")  # fmt: skip
         if self.position_dim is not None and self.position_encoding_type != "learned":
             fail("position_dim", f"is the width of learned positions; position_encoding_type is "
                  f"{self.position_encoding_type!r}")  # fmt: skip

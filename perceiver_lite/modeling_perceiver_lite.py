@@ -16,13 +16,15 @@ import torch
 from huggingface_hub import ModelCard
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithPast,
     ImageClassifierOutput,
     SequenceClassifierOutput,
 )
@@ -33,7 +35,15 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
 from .fast_perceiver_lite import decode, encode, fast_plan, perceiver_layer
-from .validation_perceiver_lite import check_grid, check_labels, check_mask, check_tensor, check_token_ids, is_tracing
+from .validation_perceiver_lite import (
+    check_grid,
+    check_labels,
+    check_mask,
+    check_tensor,
+    check_token_ids,
+    has_values,
+    is_tracing,
+)
 
 
 def key_padding_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -132,6 +142,11 @@ class PerceiverLiteEmbeddings(nn.Module):
         self.input_projection = (
             nn.Linear(config.data_shape[0], config.input_projection_dim) if config.input_projection_dim else None
         )
+        if config.position_encoding_type == "rotary":
+            raise ValueError(
+                "position_encoding_type='rotary' rotates the queries and keys of PerceiverLiteForCausalLM; the "
+                "other PerceiverLite models join position channels to their inputs: use 'fourier' or 'learned'"
+            )
         learned = config.position_encoding_type == "learned"
         self.position_features = None if learned else PerceiverLiteFourierFeatures(config)
         self.position_embeddings = (
@@ -213,6 +228,10 @@ class PerceiverLiteAttention(nn.Module):
 
     Cross and decoder attention normalise their keys/values' source first (pre-norm). `kv_dim` overrides the width of
     that source (the standalone `PerceiverLayer` attends to contexts of width `dim`).
+
+    The causal language model passes two more arguments: `cache_update`, a function of this call's keys and values
+    `(B, H, L, D)` (unrotated) that returns the cached ones with them appended, and `rotary`, the `(cos, sin)` of the
+    queries' and of the keys' positions, which rotate both after the cache (its causal masks come as `attention_mask`).
     """
 
     def __init__(self, config: PerceiverLiteConfig, kind: str = "self", kv_dim: int | None = None):
@@ -238,6 +257,8 @@ class PerceiverLiteAttention(nn.Module):
         hidden_states: torch.Tensor,
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache_update=None,
+        rotary: tuple | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if key_value_states is None:
@@ -250,6 +271,11 @@ class PerceiverLiteAttention(nn.Module):
         query = self.q_proj(hidden_states).view(query_shape).transpose(1, 2)  # (B, H, Lq, D)
         key = self.k_proj(key_value_states).view(key_shape).transpose(1, 2)  # (B, H, Lk, D)
         value = self.v_proj(key_value_states).view(value_shape).transpose(1, 2)  # (B, H, Lk, Dv)
+        if cache_update is not None:
+            key, value = cache_update(key, value)  # (B, H, cached + Lk, D)
+        if rotary is not None:
+            (query_cos, query_sin), (key_cos, key_sin) = rotary
+            query, key = rotate(query, query_cos, query_sin), rotate(key, key_cos, key_sin)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -1169,6 +1195,419 @@ class PerceiverLiteForDensePrediction(PerceiverLiteElementwiseMixin, PerceiverLi
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Causal language model (Perceiver AR)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of queries or keys `(B, H, L, D)` by the `cos`, `sin` of their positions: each channel
+    pair `(i, i + D/2)` turns by its angle, so that a query-key product depends on the difference of their positions."""
+    first, second = states.chunk(2, dim=-1)  # (B, H, L, D / 2) each
+    return states * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cos, sin)`, `(B or 1, 1, L, head_dim)`, of the rotary angles of integer `positions` `(B or 1, L)`: frequencies
+    `theta ** (-2i / head_dim)`, as Llama's; the angles in float32 (as Llama's), then in `dtype`."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    angles = positions[..., None].float() * theta**-exponents  # (B or 1, L, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B or 1, 1, L, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def causal_key_mask(query_positions, key_positions, key_valid=None) -> torch.Tensor:
+    """The boolean attention mask `(B or 1, 1, Lq, Lk)`, True = attend: each query sees the valid keys (`key_valid`
+    `(B, Lk)`, None: all) at its own position or before. A query always sees its own position: a padding position
+    then attends to itself only, so that no row is empty (finite under eager and sdpa alike) and no row reads a later
+    position. Positions are `(B or 1, L)` integers."""
+    before = key_positions[:, None, :] <= query_positions[:, :, None]  # (B or 1, Lq, Lk)
+    if key_valid is not None:
+        before = before & key_valid[:, None, :]
+    return (before | (key_positions[:, None, :] == query_positions[:, :, None]))[:, None]
+
+
+class PerceiverLiteCausalLMCache(Cache):
+    r"""
+    The key/value cache of `PerceiverLiteForCausalLM`, a transformers `Cache` of `DynamicLayer`s:
+
+    - one layer per unique cross-attending block: the keys and values of the context, unrotated (a context position's
+      keys and values depend only on its own token; the rotation by window position happens at every use), sliding
+      with the context window: at most `data_shape[1]` positions;
+    - one layer per latent self-attention layer run (`layers_indice` order; a block run twice has two): the latents'
+      keys and values, used while the latent window grows (every position so far is a latent), dropped once it is
+      full, when each step moves the oldest latent into the prefix and the full forward's latents no longer see it;
+    - `token_embeddings` `(B, <= num_latent_tokens, data_shape[0])`: the token embeddings of the last latent-window
+      positions, the latents' starting states when the latent stack is recomputed;
+    - `seen_tokens`: the number of tokens processed, `get_seq_length()`.
+
+    Beam search reorders it (`reorder_cache`); `batch_repeat_interleave` and `batch_select_indices` act on every part.
+    """
+
+    def __init__(self, config: PerceiverLiteConfig):
+        self.context_blocks = [block for block in range(len(config.num_latent_transformers_in_layers))
+                               if config.cross_attends(block)]  # fmt: skip
+        num_latent_layers = sum(config.num_latent_transformers_in_layers[block] for block in config.layers_indice)
+        super().__init__(layers=[DynamicLayer() for _ in range(len(self.context_blocks) + num_latent_layers)])
+        self.context_window = config.data_shape[1]
+        self.token_embeddings: torch.Tensor | None = None
+        self.seen_tokens = 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def context_update(self, block: int, window: int):
+        """The `cache_update` of block `block`'s cross-attention: appends the new positions' keys and values and keeps
+        the last `window` positions (the context window)."""
+        layer = self.layers[self.context_blocks.index(block)]
+
+        def update(key, value):
+            key, value = layer.update(key, value)  # (B, H, kept + new, D)
+            layer.keys, layer.values = key[:, :, -window:], value[:, :, -window:]  # (B, H, window, D)
+            return layer.keys, layer.values
+
+        return update
+
+    def latent_update(self, index: int):
+        """The `cache_update` of the `index`-th latent self-attention layer run: appends the new latents."""
+        return self.layers[len(self.context_blocks) + index].update
+
+    def drop_latent_states(self):
+        """Frees the latents' self-attention keys and values (stale once the latent window is full)."""
+        for index in range(len(self.context_blocks), len(self.layers)):
+            self.layers[index] = DynamicLayer()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self.token_embeddings = self.token_embeddings.index_select(0, beam_idx.to(self.token_embeddings.device))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.token_embeddings = self.token_embeddings.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self.token_embeddings = self.token_embeddings[indices]
+
+
+class PerceiverLiteCausalLayer(PerceiverLiteLayer):
+    """A Perceiver AR layer: causal cross-attention from the latents to the context (`cross_attention=True`) or causal
+    latent self-attention, then the feed-forward; the `PerceiverLiteLayer` residual sublayers, with the causal mask,
+    rotary positions and cache update of `PerceiverLiteAttention`."""
+
+    def forward(self, hidden_states, key_value_states=None, attention_mask=None, rotary=None, cache_update=None):
+        cross = self.cross_attention is not None
+        norm = self.cross_attention_norm if cross else self.self_attention_norm
+        attention = self.cross_attention if cross else self.self_attention
+        hidden_states = self.sublayer(
+            norm, attention, hidden_states, key_value_states, attention_mask,
+            residual=self.query_residual or not cross, rotary=rotary, cache_update=cache_update,
+        )  # fmt: skip
+        return hidden_states if self.mlp is None else self.sublayer(self.mlp_norm, self.mlp, hidden_states)
+
+
+class PerceiverLiteCausalBlock(nn.Module):
+    """A causal cross-attend to the context (where `cross_attend`), then `num_self_attention_layers` causal latent
+    self-attention layers. Running a block again (a repeated index in `layers_indice`) shares its weights."""
+
+    def __init__(self, config: PerceiverLiteConfig, num_self_attention_layers: int, cross_attend: bool = True):
+        super().__init__()
+        self.cross_layer = (
+            PerceiverLiteCausalLayer(config, self_attention=False, cross_attention=True) if cross_attend else None
+        )
+        self.layers = nn.ModuleList(PerceiverLiteCausalLayer(config) for _ in range(num_self_attention_layers))
+
+
+class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
+    r"""
+    Perceiver AR (Hawthorne et al., 2022, "General-purpose, long-context autoregressive modeling with Perceiver AR"):
+    autoregressive language modelling over a context longer than the latent array. The last `N` positions of the
+    sequence are the latents; one causal cross-attention lets the latent at position `p` attend to every position up to
+    `p`, prefix and latents alike; causal self-attention layers over the latents alone follow.
+
+    Config (`PerceiverLiteConfig`):
+        - `data_shape=[E, C]`: token embedding width `E` and longest context `C` (the input length limit);
+        - `num_latent_tokens=N`: the latent window, the last `min(T, N)` positions;
+        - `position_encoding_type="rotary"` (required), `rope_theta`;
+        - `layers_indice`, `num_latent_transformers_in_layers`, `cross_attend_blocks`: the blocks as in
+          `PerceiverLiteModel`, each a causal cross-attend (where it cross-attends) then causal latent self-attention;
+          `cross_attend_blocks=[0]` with `layers_indice=[0, 1, ...]` is the paper's single cross-attention;
+        - `prefix_dropout`: the fraction of prefix positions each sample drops in training;
+        - `vocab_size` (262: transformers' byte-level `PerceiverTokenizer`), `tie_word_embeddings` (default True: the
+          LM head is the token embedding's transpose; where `dim != E` a linear layer `lm_proj` takes the latents to
+          width `E` first, as ALBERT's), `dim`, `heads`, `cross_heads`, feed-forward and dropout fields as elsewhere.
+        The latents start from the token embeddings of their positions (through `latent_proj` where `dim != E`).
+
+    `forward(input_ids, attention_mask=None, labels=None, cache=None, use_cache=None)`:
+        - `input_ids` `(B, T)`, `T <= C` (longer is an error; `generate` keeps the last `C` tokens itself);
+        - `attention_mask` `(B, T)` (with a cache: `(B, cache.get_seq_length() + T)`), left padding only: 0s, then 1s;
+        - `labels` `(B, T)`: the `input_ids` (-100 not scored); shifted inside, as in transformers' causal LMs;
+        - returns `CausalLMOutputWithPast`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
+          positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
+          the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`.
+
+    Positions: rotary, on the queries and keys of every attention, by the position in the current context window
+    (0 for its first token). A query-key product depends only on the difference of the positions, so this is the
+    same as right-aligned or absolute positions, and a left-padded sample gives the same predictions as unpadded.
+
+    Generation (`GenerationMixin`: greedy, sampling, beam search):
+
+    ```python
+    >>> from transformers import PerceiverTokenizer
+    >>> tokenizer = PerceiverTokenizer()  # byte level, vocab 262
+    >>> config = PerceiverLiteConfig(data_shape=[64, 256], num_latent_tokens=32, dim=64, heads=4, cross_heads=4,
+    ...     layers_indice=[0, 1], num_latent_transformers_in_layers=[0, 3], cross_attend_blocks=[0],
+    ...     position_encoding_type="rotary", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    >>> model = PerceiverLiteForCausalLM(config)
+    >>> inputs = tokenizer(["Hello"], add_special_tokens=False, return_tensors="pt")
+    >>> tokens = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    ```
+
+    The cache (`PerceiverLiteCausalLMCache`) holds the context's cross-attention keys and values, unrotated, and
+    slides with the context window. While the latent window grows (all positions so far are latents), each step runs
+    the new token alone and appends to the latents' self-attention keys and values too. Once it is full, each step
+    moves the oldest latent into the prefix: the remaining latents no longer attend to it, so their cached states would
+    be stale; the latent stack is then recomputed for the `N` latents from the cached cross-attention keys and values
+    (one new position's projections per step). Past `C` tokens, the context window's start moves too. The result
+    equals a full forward on the last `C` tokens at every step.
+    """
+
+    main_input_name = "input_ids"
+    input_modalities = ("text",)
+    pipeline_tag = "text-generation"
+    _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
+    _no_split_modules = ["PerceiverLiteCausalLayer"]
+
+    def __init__(self, config: PerceiverLiteConfig):
+        self._check_config(config)
+        super().__init__(config)
+        width = config.data_shape[0]
+        self.embeddings = nn.Embedding(config.vocab_size, width)
+        self.latent_proj = nn.Linear(width, config.dim) if config.dim != width else None
+        self.blocks = nn.ModuleList(
+            PerceiverLiteCausalBlock(config, n, config.cross_attends(block))
+            for block, n in enumerate(config.num_latent_transformers_in_layers)
+        )
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.lm_proj = nn.Linear(config.dim, width) if config.dim != width else None
+        self.lm_head = nn.Linear(width, config.vocab_size)
+        self.post_init()
+
+    @staticmethod
+    def _check_config(config: PerceiverLiteConfig):
+        config._validate()
+        problems = [(field, reason) for field, bad, reason in (
+            ("data_shape", config.num_axes != 1, f"must be [embedding width, longest context], got {config.data_shape}"),
+            ("position_encoding_type", config.position_encoding_type != "rotary",
+             f"must be 'rotary', got {config.position_encoding_type!r}"),
+            ("input_projection_dim", config.input_projection_dim is not None,
+             f"must be None (the context is the token embeddings), got {config.input_projection_dim}"),
+        ) if bad]  # fmt: skip
+        if problems:
+            field, reason = problems[0]
+            raise ValueError(f"PerceiverLiteForCausalLM: `{field}` {reason}")
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own `PerceiverLiteCausalLMCache` (its layers are not the config's)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.lm_head = value
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, nn.Embedding):
+            # tied to the LM head: at the other heads' unit scale, the first logits would be of size sqrt(E)
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(B, T)`): token ids in `[0, vocab_size)`, `T <= data_shape[1]`.
+        attention_mask (`torch.Tensor` of shape `(B, T)`, or `(B, cached + T)` with a cache, *optional*):
+            1 for tokens, 0 for padding; left padding only.
+        labels (`torch.LongTensor` of shape `(B, T)`, *optional*): the `input_ids`, -100 where not scored.
+        cache (`PerceiverLiteCausalLMCache`, *optional*): the cache of the previous steps (an empty transformers
+            `Cache` is replaced by one).
+        use_cache (`bool`, *optional*): return a cache (default: where one is given).
+        """
+        use_cache = cache is not None if use_cache is None else use_cache
+        if self.is_activation_checkpointing and self.training:
+            use_cache = False  # as transformers' layers: recomputed layers would append twice
+        cache = self._check_causal_inputs(input_ids, attention_mask, labels, cache if use_cache else None)
+        if use_cache and cache is None:
+            cache = PerceiverLiteCausalLMCache(self.config)
+        hidden_states = self._latents(input_ids, attention_mask, cache)
+        hidden_states = hidden_states[:, -min(input_ids.shape[1], hidden_states.shape[1]):]  # (B, K, dim)
+        hidden_states = self.norm(hidden_states)
+        if self.lm_proj is not None:
+            hidden_states = self.lm_proj(hidden_states)  # (B, K, E)
+        logits = self.lm_head(hidden_states)  # (B, K, vocab_size)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels[:, -logits.shape[1] :], vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _latents(self, input_ids, attention_mask, cache) -> torch.Tensor:
+        """The final latents `(B, Q, dim)` of the last `Q` positions: the new tokens while a cache's latent window
+        grows, else the whole latent window. Updates `cache`."""
+        config = self.config
+        past = 0 if cache is None else cache.seen_tokens
+        total = past + input_ids.shape[1]
+        window, num_latents = min(total, config.data_shape[1]), min(total, config.num_latent_tokens)
+        growing = cache is not None and total <= config.num_latent_tokens  # no latent has left the window yet
+        num_queries = input_ids.shape[1] if growing else num_latents
+        embeds = self.embeddings(input_ids)  # (B, T, E)
+        recent = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
+        recent = recent[:, -config.num_latent_tokens :]  # (B, <= N, E)
+        device = input_ids.device
+        query_positions = torch.arange(window - num_queries, window, device=device)[None]  # (1, Q)
+        key_positions = torch.arange(window, device=device)[None]  # (1, W)
+        valid = None if attention_mask is None else attention_mask[:, -window:].bool()  # (B, W)
+        context = embeds
+        if self.training and cache is None and config.prefix_dropout > 0:
+            context, key_positions, valid = self._drop_prefix(embeds, valid, window - num_latents)
+        latent_keys = key_positions if growing else query_positions  # the self-attention's keys: every latent so far
+        latent_valid = valid if growing or valid is None else valid[:, -num_queries:]
+        cross_mask = causal_key_mask(query_positions, key_positions, valid)  # (B or 1, 1, Q, W)
+        latent_mask = causal_key_mask(query_positions, latent_keys, latent_valid)  # (B or 1, 1, Q, Q or W)
+        if cache is not None and not growing:
+            cache.drop_latent_states()
+
+        rotary_by_width = {}
+
+        def rotary(attention, keys):
+            width = attention.head_dim
+            if (width, keys is key_positions) not in rotary_by_width:
+                to_angles = lambda positions: rotary_cos_sin(positions, width, config.rope_theta, embeds.dtype)  # noqa: E731
+                rotary_by_width[width, keys is key_positions] = (to_angles(query_positions), to_angles(keys))
+            return rotary_by_width[width, keys is key_positions]
+
+        hidden_states = recent[:, -num_queries:]  # (B, Q, E): the latents start from their tokens' embeddings
+        if self.latent_proj is not None:
+            hidden_states = self.latent_proj(hidden_states)  # (B, Q, dim)
+        context_states, latent_layer = {}, 0
+        for block_index in config.layers_indice:
+            block = self.blocks[block_index]
+            if block.cross_layer is not None:
+                update = None if cache is None else self._context_update(cache, block_index, window, context_states)
+                attention = block.cross_layer.cross_attention
+                hidden_states = block.cross_layer(
+                    hidden_states, context, cross_mask, rotary(attention, key_positions), update
+                )
+            for layer in block.layers:
+                update = cache.latent_update(latent_layer) if growing else None
+                hidden_states = layer(hidden_states, None, latent_mask, rotary(layer.self_attention, latent_keys), update)
+                latent_layer += 1
+        if cache is not None:
+            cache.seen_tokens, cache.token_embeddings = total, recent
+        return hidden_states
+
+    @staticmethod
+    def _context_update(cache, block_index, window, context_states):
+        """The cache update of a block's cross-attention: appends once per forward; a block run again (its weights,
+        so its keys and values, shared) reads what its first run stored."""
+        if block_index in context_states:
+            return lambda key, value: context_states[block_index]
+        append = cache.context_update(block_index, window)
+
+        def update(key, value):
+            context_states[block_index] = append(key, value)
+            return context_states[block_index]
+
+        return update
+
+    def _drop_prefix(self, embeds, valid, prefix_length: int):
+        """Prefix dropout (training): each sample keeps a random `1 - prefix_dropout` of its prefix positions, in
+        order, and all its latent positions. `(context (B, W', E), key positions (B, W'), valid (B, W') or None)`."""
+        batch_size, length = embeds.shape[:2]
+        keep = prefix_length - int(prefix_length * self.config.prefix_dropout)
+        if keep == prefix_length:
+            return embeds, torch.arange(length, device=embeds.device)[None], valid
+        scores = torch.rand(batch_size, prefix_length, device=embeds.device)
+        kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep)
+        latents = torch.arange(prefix_length, length, device=embeds.device).expand(batch_size, -1)  # (B, N)
+        positions = torch.cat([kept, latents], dim=1)  # (B, W')
+        context = embeds.gather(1, positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
+        return context, positions, None if valid is None else valid.gather(1, positions)
+
+    def _check_causal_inputs(self, input_ids, attention_mask, labels, cache):
+        """Inputs, mask, labels and cache, before any compute; returns the cache to use (None for an empty foreign
+        `Cache`, which the forward replaces)."""
+        check_token_ids(input_ids, self.config.vocab_size)
+        batch_size, length = input_ids.shape
+        if cache is not None and not isinstance(cache, PerceiverLiteCausalLMCache):
+            if cache.get_seq_length() > 0:
+                raise TypeError(
+                    f"`cache` must be a PerceiverLiteCausalLMCache (or empty), got a {type(cache).__name__} holding "
+                    f"{cache.get_seq_length()} tokens"
+                )
+            cache = None
+        past = 0 if cache is None else cache.seen_tokens
+        context = self.config.data_shape[1]
+        if cache is None and length > context:
+            raise ValueError(
+                f"`input_ids` has shape {list(input_ids.shape)}: {length} tokens exceed the longest context "
+                f"data_shape[1] = {context}; pass the last {context} tokens (generate keeps them itself)"
+            )
+        if cache is not None and cache.token_embeddings is not None and cache.token_embeddings.shape[0] != batch_size:
+            raise ValueError(
+                f"`cache` holds {cache.token_embeddings.shape[0]} sequences, `input_ids` has shape {list(input_ids.shape)}"
+            )
+        if attention_mask is not None:
+            check_mask("attention_mask", attention_mask, [(batch_size, past + length)])
+            check_left_padding(attention_mask)
+        if labels is not None:
+            check_labels(labels, batch_size, self.config.vocab_size, "single_label_classification", (length,))
+        return cache
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      **kwargs):  # fmt: skip
+        """transformers' preparation, then the last `data_shape[1]` tokens where there are more (without a cache every
+        step sees the last context window; with one, the prompt's), and the mask cut to the tokens seen and given."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask, **kwargs
+        )
+        input_ids = inputs["input_ids"][:, -self.config.data_shape[1] :]
+        inputs["input_ids"] = input_ids
+        if inputs.get("attention_mask") is not None:
+            past = 0 if cache is None else cache.get_seq_length()
+            inputs["attention_mask"] = inputs["attention_mask"][:, -(past + input_ids.shape[1]) :]
+        return inputs
+
+
+def check_left_padding(attention_mask: torch.Tensor):
+    """Padding only before the tokens (0s, then 1s in each row): the causal LM's latents are the last positions."""
+    if not has_values(attention_mask):
+        return
+    mask = attention_mask.bool()
+    right_padded = (mask[:, :-1] & ~mask[:, 1:]).any(dim=1)  # a 1 followed by a 0
+    if right_padded.any():
+        rows = right_padded.nonzero().flatten().tolist()[:8]
+        raise ValueError(
+            f"`attention_mask` must be left padding (0s before the tokens, then 1s), got a 0 after a 1 in rows {rows} "
+            "(right padding); pad on the left: tokenizer.padding_side = 'left'"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Auto classes. Registered here, not in the package's `__init__`, so that a copy of this file loaded as remote code
 # (`trust_remote_code=True`) registers them too, and saves again with its code.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1181,6 +1620,7 @@ AUTO_CLASSES = {
     "AutoModelForMaskedLM": PerceiverLiteForMaskedLM,
     "AutoModelForTokenClassification": PerceiverLiteForTokenClassification,
     "AutoModelForSemanticSegmentation": PerceiverLiteForDensePrediction,
+    "AutoModelForCausalLM": PerceiverLiteForCausalLM,
 }
 
 PerceiverLiteConfig.register_for_auto_class()
@@ -1194,7 +1634,9 @@ __all__ = [
     "PerceiverLiteBlock",
     "PerceiverLiteDecoder",
     "PerceiverLiteDecoderOutput",
+    "PerceiverLiteCausalLMCache",
     "PerceiverLiteForAudioClassification",
+    "PerceiverLiteForCausalLM",
     "PerceiverLiteForDensePrediction",
     "PerceiverLiteForImageClassification",
     "PerceiverLiteForMaskedLM",
