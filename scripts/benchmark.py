@@ -147,7 +147,7 @@ class CausalLMSetup:
     self_attends: int = 6
     heads: int = 8
     ff_scale: int = 4  # GPT-2's and perceiver-ar-pytorch's feed-forward width / dim
-    new_tokens: int = 32
+    new_tokens: int = 16
 
     def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=generator)
@@ -324,6 +324,7 @@ def build_ours_causal_lm(setup: CausalLMSetup):
         layers_indice=[0],
         num_latent_transformers_in_layers=[setup.self_attends],
         ff_dim_scale=setup.ff_scale,
+        position_encoding_type="rotary",
         vocab_size=setup.vocab_size,
     )
     model = PerceiverLiteForCausalLM(config)
