@@ -5,6 +5,7 @@ perceiver-pytorch's `Perceiver` of the same configuration.
     python scripts/benchmark_learning.py                            # 3 data sets x 5 seeds x 3 models x 60 s, ~25 min
     python scripts/benchmark_learning.py --budget 240 --seeds 0 1 2 # 4 minutes a run (about 40 minutes in all)
     python scripts/benchmark_learning.py --datasets sequence --seeds 0 --budget 20
+    python scripts/benchmark_learning.py --text --budget 600 --seeds 0 1 --workers 3   # language modelling, ~25 min
 
 Each model trains from scratch through `transformers.Trainer`, as a user would (perceiver-pytorch inside a small
 wrapper that returns the loss): AdamW at lr 1e-3 with weight decay 0.05 (Trainer's own optimizer: no decay on biases
@@ -36,6 +37,17 @@ Both models share one config: 16 latents of width 64, 4 latent heads of width 16
 64, block 0 then block 1 twice with shared weights, 2 latent self-attention layers per block, 16 linear Fourier bands
 up to the input's Nyquist frequency, dropout 0.1 on attention weights and feed-forward outputs; ours has feed-forward
 layers of width 6 x dim, the parameter count of perceiver-pytorch's GEGLU with factor 4.
+
+`--text` runs a byte-level language-modelling task instead: `pydoc_data.topics` (Python's documentation of its syntax
+and built-in types, about 465 KB of English that ships with Python) as UTF-8 bytes, the first 90 % for training (every
+window of `seq_len` bytes, in random order) and the last 10 % for validation. The models, of one size (`TEXT`): ours
+(`PerceiverLiteForCausalLM`, Perceiver AR: the last `num_latents` positions are the latents; "ours (recommended)" with
+the small-model initialisation, `initializer_range=(3 * dim) ** -0.5`), transformers'
+`GPT2LMHeadModel` (causal self-attention over every position, `attn_implementation="sdpa"`) and perceiver-ar-pytorch's
+`PerceiverAR`, each with `self_attends` causal self-attention layers of width `dim` and no dropout; batch 16, the same
+optimizer and time-cosine schedule. The Perceiver ARs learn from the next-byte predictions of their latent positions,
+GPT-2 from every position's. All are scored on the same validation targets and contexts (`bits_per_byte`). Results go
+to `benchmarks/learning-text-cpu.{md,json}`.
 """
 
 import argparse
@@ -454,10 +466,11 @@ def next_byte_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
-def build_ours_text():
+def build_ours_text(**overrides):
+    """`PerceiverLiteForCausalLM` at the shared size; `overrides` replace config fields."""
     from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForCausalLM
 
-    config = PerceiverLiteConfig(
+    fields = dict(
         data_shape=[TEXT["dim"], TEXT["seq_len"]],
         num_latent_tokens=TEXT["num_latents"],
         dim=TEXT["dim"],
@@ -471,7 +484,7 @@ def build_ours_text():
         position_encoding_type="rotary",
         vocab_size=256,
     )
-    return PerceiverLiteForCausalLM(config)
+    return PerceiverLiteForCausalLM(PerceiverLiteConfig(**{**fields, **overrides}))
 
 
 def build_gpt2_text():
@@ -517,7 +530,13 @@ class PerceiverARLanguageModel(nn.Module):
         return {"loss": None if labels is None else next_byte_loss(logits, labels), "logits": logits}
 
 
-TEXT_MODELS = {"ours": build_ours_text, "GPT-2": build_gpt2_text, "perceiver-ar-pytorch": PerceiverARLanguageModel}
+TEXT_MODELS = {
+    "ours": build_ours_text,
+    # the small-model initialisation of `RECOMMENDED`: weights at about PyTorch's default scale, (3 x dim) ** -0.5
+    "ours (recommended)": lambda: build_ours_text(initializer_range=round((3 * TEXT["dim"]) ** -0.5, 3)),
+    "GPT-2": build_gpt2_text,
+    "perceiver-ar-pytorch": PerceiverARLanguageModel,
+}
 
 
 @torch.no_grad()

@@ -123,19 +123,21 @@ def test_text_models_have_close_parameter_counts(benchmark):
     pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
     counts = {name: sum(p.numel() for p in build().parameters()) for name, build in benchmark.TEXT_MODELS.items()}
     assert max(counts.values()) <= 1.3 * min(counts.values()), counts
+    recommended = benchmark.TEXT_MODELS["ours (recommended)"]().config
+    assert recommended.initializer_range == pytest.approx((3 * recommended.dim) ** -0.5, abs=1e-3)
 
 
 def test_tiny_text_run_writes_the_table(benchmark, tmp_path, monkeypatch):
     pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
     monkeypatch.setattr(benchmark, "TEXT", TINY_TEXT)  # the forked runs inherit it
     output = tmp_path / "text"
-    results = benchmark.main(["--text", "--budget", "1", "--seeds", "0", "--workers", "3", "--output", str(output)])
+    results = benchmark.main(["--text", "--budget", "1", "--seeds", "0", "--workers", "4", "--output", str(output)])
 
-    assert [run["model"] for run in results] == ["ours", "GPT-2", "perceiver-ar-pytorch"]
+    assert [run["model"] for run in results] == list(benchmark.TEXT_MODELS)
     for run in results:
         assert 0.0 < run["bits_per_byte"] < 9.0 and run["steps"] > 0 and run["train_seconds"] >= 1.0, run
     payload = json.loads(output.with_suffix(".json").read_text())
-    assert payload["sizes"] == TINY_TEXT and len(payload["runs"]) == 3
+    assert payload["sizes"] == TINY_TEXT and len(payload["runs"]) == len(benchmark.TEXT_MODELS)
     table = output.with_suffix(".md").read_text()
     assert "| ours |" in table and "| GPT-2 |" in table and "| perceiver-ar-pytorch |" in table
     assert "python scripts/benchmark_learning.py --text --budget 1" in table
