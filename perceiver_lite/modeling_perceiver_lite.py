@@ -1208,9 +1208,12 @@ def rotate(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """`(cos, sin)`, `(B or 1, 1, L, head_dim)`, of the rotary angles of integer `positions` `(B or 1, L)`: frequencies
-    `theta ** (-2i / head_dim)`, as Llama's; the angles in float32 (as Llama's), then in `dtype`."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    angles = positions[..., None].float() * theta**-exponents  # (B or 1, L, head_dim / 2)
+    `theta ** (-2i / head_dim)`, as Llama's. The angles are computed in float64 (float32 on mps, which has none) and
+    rounded once to `dtype`: a product of a query and a key then depends on their positions' difference alone up to
+    `dtype`'s rounding, so that a shifted window (a left-padded sample) agrees to float64 rounding in float64 too."""
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=wide) / head_dim
+    angles = positions[..., None].to(wide) * theta**-exponents  # (B or 1, L, head_dim / 2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B or 1, 1, L, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -1448,8 +1451,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             `Cache` is replaced by one).
         use_cache (`bool`, *optional*): return a cache (default: where one is given).
         """
+        unsupported = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
+        if unsupported:
+            raise ValueError(f"PerceiverLiteForCausalLM returns no attentions or hidden states: pass {unsupported[0]}=False")
         use_cache = cache is not None if use_cache is None else use_cache
-        if self.is_activation_checkpointing and self.training:
+        if self.training and self.is_activation_checkpointing:
             use_cache = False  # as transformers' layers: recomputed layers would append twice
         cache = self._check_causal_inputs(input_ids, attention_mask, labels, cache if use_cache else None)
         if use_cache and cache is None:
@@ -1562,7 +1568,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             cache = None
         past = 0 if cache is None else cache.seen_tokens
         context = self.config.data_shape[1]
-        if cache is None and length > context:
+        if length > context:
             raise ValueError(
                 f"`input_ids` has shape {list(input_ids.shape)}: {length} tokens exceed the longest context "
                 f"data_shape[1] = {context}; pass the last {context} tokens (generate keeps them itself)"

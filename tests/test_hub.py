@@ -63,6 +63,7 @@ AUTO_MAP = {
     "AutoModelForMaskedLM": "modeling_perceiver_lite.PerceiverLiteForMaskedLM",
     "AutoModelForTokenClassification": "modeling_perceiver_lite.PerceiverLiteForTokenClassification",
     "AutoModelForSemanticSegmentation": "modeling_perceiver_lite.PerceiverLiteForDensePrediction",
+    "AutoModelForCausalLM": "modeling_perceiver_lite.PerceiverLiteForCausalLM",
 }
 ATOL = 1e-5
 

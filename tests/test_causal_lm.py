@@ -1,0 +1,472 @@
+"""PerceiverLiteForCausalLM (Perceiver AR): the forward (latent logits, shifted loss, eager vs sdpa, left padding,
+prefix dropout), causality, generation with the cache token for token equal to generation without it and to a loop of
+full forwards on the last context window (greedy, sampling, beam search; prompts shorter than the latent window, inside
+the context, longer than it; generations past the longest context), the ecosystem (Auto class, text-generation pipeline
+with PerceiverTokenizer, trust_remote_code, Trainer with DataCollatorForLanguageModeling and gradient checkpointing, PEFT
+LoRA, torch.export) and the input errors."""
+
+import copy
+
+import pytest
+import torch
+from conftest import PerceiverLiteModelTester, training_arguments
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from test_hub import load_without_package
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    DynamicCache,
+    PerceiverTokenizer,
+    Trainer,
+    pipeline,
+)
+
+from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForCausalLM, PerceiverLiteModel
+from perceiver_lite.modeling_perceiver_lite import PerceiverLiteCausalLMCache
+
+
+CONTEXT = 12  # data_shape[1]: the longest context
+LATENTS = 4  # num_latent_tokens: the latent window
+VOCAB_SIZE = 262
+# "repeated": block 1 runs twice and every block cross-attends (a cross-attention's cached context shared by two runs);
+# widths differ (dim 24, embeddings 16): the latents and the LM head go through `latent_proj` / `lm_proj`.
+# "paper": one cross-attention then latent self-attention, dim = embedding width (the LM head is the embedding).
+CONFIGS = {
+    "repeated": dict(dim=24, layers_indice=(0, 1, 1), num_latent_transformers_in_layers=(1, 1)),
+    "paper": dict(dim=16, layers_indice=(0, 1), num_latent_transformers_in_layers=(0, 2), cross_attend_blocks=[0]),
+}
+
+
+def tiny_config(kind: str = "repeated", **overrides) -> PerceiverLiteConfig:
+    """Embedding width 16, context 12, latent window 4; weights at `initializer_range=0.3`, so that the logits of a
+    random model are far apart and greedy choices are not near-ties."""
+    fields = {**CONFIGS[kind], "position_encoding_type": "rotary", "initializer_range": 0.3, **overrides}
+    tester = PerceiverLiteModelTester(data_shape=(16, CONTEXT), num_latent_tokens=LATENTS, heads=2, cross_heads=2)
+    return tester.get_config(**fields)
+
+
+def tiny_model(kind: str = "repeated", dtype=torch.float64, **overrides) -> PerceiverLiteForCausalLM:
+    return PerceiverLiteForCausalLM(tiny_config(kind, **overrides)).to(dtype).eval()
+
+
+def random_ids(batch_size: int, length: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB_SIZE, (batch_size, length))
+
+
+def full_forward_loop(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by full forwards, each on the last `CONTEXT` tokens: what generation must equal."""
+    sequence = prompt
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(sequence[:, -CONTEXT:]).logits[:, -1]
+        sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    return sequence
+
+
+def generate(model, prompt, **kwargs) -> torch.Tensor:
+    kwargs = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0, **kwargs}
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("length", [3, LATENTS, CONTEXT])
+def test_logits_cover_the_latent_positions_and_the_loss_is_shifted(kind, length):
+    """Logits `(B, min(T, N), vocab)`; the loss is the cross-entropy of each latent position's logits against the next
+    token, -100 not scored, the last latent position without a target."""
+    model = tiny_model(kind)
+    input_ids = random_ids(3, length)
+    labels = input_ids.clone()
+    labels[0, -2] = -100
+    outputs = model(input_ids, labels=labels)
+    latents = min(length, LATENTS)
+    assert outputs.logits.shape == (3, latents, VOCAB_SIZE)
+    targets = labels[:, -latents:][:, 1:]  # the next token of every latent position but the last
+    expected = torch.nn.functional.cross_entropy(
+        outputs.logits[:, :-1].reshape(-1, VOCAB_SIZE), targets.reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(outputs.loss, expected.float())  # transformers computes the loss in float32
+
+
+def test_lm_head_is_tied_to_the_token_embedding():
+    for kind in CONFIGS:
+        model = tiny_model(kind)
+        assert model.lm_head.weight is model.embeddings.weight
+        assert (model.lm_proj is None) == (model.config.dim == 16)
+    untied = tiny_model(tie_word_embeddings=False)
+    assert untied.lm_head.weight is not untied.embeddings.weight
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_eager_equals_sdpa(kind):
+    model = tiny_model(kind)
+    input_ids = random_ids(3, CONTEXT)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :5] = 0
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = model(input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("pad", [2, CONTEXT - LATENTS + 2])  # padding in the prefix only; padding among the latents
+def test_left_padding_gives_the_unpadded_logits(kind, pad):
+    """A left-padded sample predicts as the same tokens unpadded (rotary positions: only their differences count)."""
+    model = tiny_model(kind)
+    tokens = random_ids(1, CONTEXT - pad)
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), tokens], dim=1)
+    mask = (padded != 0).long()
+    with torch.no_grad():
+        alone = model(tokens).logits
+        batched = model(torch.cat([padded, random_ids(1, CONTEXT)]), attention_mask=torch.cat([mask, torch.ones_like(mask)]))
+    valid = min(LATENTS, tokens.shape[1])
+    torch.testing.assert_close(batched.logits[0, -valid:], alone[0, -valid:], rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Causality
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("position", [0, 5, CONTEXT - 1])
+def test_changing_a_token_moves_no_logit_before_it(implementation, position):
+    """Every position a latent (latent window = context): changing token t leaves the logits of positions < t
+    bit-identical and changes those of t and after."""
+    model = tiny_model(num_latent_tokens=CONTEXT)
+    model.set_attn_implementation(implementation)
+    input_ids = random_ids(2, CONTEXT)
+    changed = input_ids.clone()
+    changed[:, position] = (changed[:, position] + 1 - 3) % (VOCAB_SIZE - 3) + 3
+    with torch.no_grad():
+        before, after = model(input_ids).logits, model(changed).logits
+    assert torch.equal(before[:, :position], after[:, :position])
+    assert ((before[:, position:] - after[:, position:]).abs().amax(-1) > 1e-6).all()
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_latents_see_the_prefix_and_the_earlier_latents_only(kind):
+    """Latent window 4 in a context of 12: a prefix token moves every logit; a token at latent position t moves the
+    logits from t on and none before."""
+    model = tiny_model(kind)
+    input_ids = random_ids(2, CONTEXT)
+    with torch.no_grad():
+        reference = model(input_ids).logits  # positions 8..11
+        for position in (3, CONTEXT - 2):
+            changed = input_ids.clone()
+            changed[:, position] = (changed[:, position] + 1 - 3) % (VOCAB_SIZE - 3) + 3
+            logits = model(changed).logits
+            first_moved = max(position - (CONTEXT - LATENTS), 0)
+            assert torch.equal(logits[:, :first_moved], reference[:, :first_moved])
+            assert ((logits[:, first_moved:] - reference[:, first_moved:]).abs().amax(-1) > 1e-6).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefix dropout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_prefix_dropout_drops_that_fraction_of_the_prefix_per_sample():
+    """In training, each sample's dropped prefix positions (the same random draw) change nothing, a kept one does, and
+    `int(prefix * prefix_dropout)` are dropped; in evaluation every prefix token counts."""
+    model = tiny_model(prefix_dropout=0.5).train()
+    input_ids = random_ids(2, CONTEXT)
+    prefix = CONTEXT - LATENTS
+
+    def train_logits(ids):
+        torch.manual_seed(7)
+        return model(ids).logits
+
+    torch.manual_seed(7)
+    kept = torch.rand(2, prefix).argsort(dim=1)[:, : prefix - prefix // 2]  # the draw of `_drop_prefix`
+    dropped = [sorted(set(range(prefix)) - set(row.tolist())) for row in kept]
+    assert all(len(row) == prefix // 2 for row in dropped)
+    reference = train_logits(input_ids)
+    changed = input_ids.clone()
+    for sample, positions in enumerate(dropped):
+        changed[sample, positions] = 5
+    torch.testing.assert_close(train_logits(changed), reference, rtol=1e-12, atol=1e-12)
+    changed[0, kept[0, 0]] = (changed[0, kept[0, 0]] + 1 - 3) % (VOCAB_SIZE - 3) + 3
+    assert (train_logits(changed)[0] - reference[0]).abs().max() > 1e-6
+    model.eval()
+    with torch.no_grad():
+        assert (model(changed).logits - model(input_ids).logits).abs().max() > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# prompt lengths: shorter than the latent window, filling it, inside the context, longer than the context
+PROMPT_LENGTHS = [2, LATENTS, 7, CONTEXT + 3]
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
+def test_greedy_generation_with_cache_equals_without_and_full_forwards(kind, prompt_length):
+    """float64, 20 new tokens (past the context of 12): with the cache, without it, and a loop of full forwards on the
+    last 12 tokens give the same tokens."""
+    model = tiny_model(kind)
+    prompt = random_ids(2, prompt_length)
+    with_cache = generate(model, prompt, use_cache=True)
+    without_cache = generate(model, prompt, use_cache=False)
+    expected = full_forward_loop(model, prompt, 20)
+    assert with_cache.shape == (2, prompt_length + 20)
+    assert torch.equal(with_cache, expected)
+    assert torch.equal(without_cache, expected)
+
+
+@pytest.mark.parametrize("prompt_length", [2, CONTEXT + 3])
+def test_sampling_with_cache_equals_without(prompt_length):
+    model = tiny_model()
+    prompt = random_ids(2, prompt_length)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(3)
+        runs.append(generate(model, prompt, use_cache=use_cache, do_sample=True, top_k=0, temperature=1.5))
+    assert torch.equal(*runs)
+    assert not torch.equal(runs[0], generate(model, prompt))  # it sampled: not the greedy tokens
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("prompt_length", [2, 7])
+def test_beam_search_with_cache_equals_without(kind, prompt_length):
+    """Beam search reorders the cache (context keys/values, latent states, token embeddings) by beam."""
+    model = tiny_model(kind)
+    prompt = random_ids(2, prompt_length)
+    kwargs = dict(num_beams=3, num_return_sequences=2, max_new_tokens=16)
+    with_cache = generate(model, prompt, use_cache=True, **kwargs)
+    assert with_cache.shape == (4, prompt_length + 16)
+    assert torch.equal(with_cache, generate(model, prompt, use_cache=False, **kwargs))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_left_padded_batch_generates_as_each_prompt_alone(kind):
+    model = tiny_model(kind)
+    prompts = [random_ids(1, length) for length in (3, 9, 6)]
+    width = max(prompt.shape[1] for prompt in prompts)
+    padded = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0)) for p in prompts])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in prompts])
+    batched = model.generate(padded, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(batched[row, width:], generate(model, prompt, max_new_tokens=16)[0, prompt.shape[1]:])
+
+
+def test_cache_slides_with_the_windows():
+    """The cache holds the context's keys/values of the last min(seen, 12) positions, the latents' only while the latent
+    window grows, and the last 4 token embeddings; an empty transformers cache is replaced by it."""
+    model = tiny_model()
+    ids = random_ids(2, 3)
+    outputs = model(ids, cache=DynamicCache(), use_cache=True)
+    cache = outputs.cache
+    assert isinstance(cache, PerceiverLiteCausalLMCache) and cache.get_seq_length() == 3
+    context_layers, latent_layers = cache.layers[:2], cache.layers[2:]
+    assert len(latent_layers) == 3  # block 0's layer once, block 1's twice
+    for seen in range(4, 20):
+        assert all(layer.keys.shape[2] == min(seen - 1, CONTEXT) for layer in context_layers)
+        assert all((layer.get_seq_length() == seen - 1) == (seen - 1 <= LATENTS) for layer in latent_layers)
+        next_id = outputs.logits[:, -1:].argmax(-1)
+        outputs = model(next_id, cache=cache, use_cache=True)
+        assert outputs.logits.shape == (2, 1, VOCAB_SIZE)
+        assert cache.get_seq_length() == seen and cache.token_embeddings.shape[1] == min(seen, LATENTS)
+    assert all(layer.get_seq_length() == 0 for layer in cache.layers[2:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+BAD_INPUTS = {
+    "too long": (dict(input_ids=torch.full((2, CONTEXT + 1), 5)), ValueError, r"input_ids.*\[2, 13\].*13 tokens.*12"),
+    "id out of range": (dict(input_ids=torch.full((2, 5), VOCAB_SIZE)), ValueError, r"input_ids.*\[0, vocab_size=262\)"),
+    "right padding": (
+        dict(input_ids=torch.full((2, 5), 5), attention_mask=torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])),
+        ValueError,
+        r"attention_mask.*left padding.*rows \[1\]",
+    ),
+    "mask shape": (dict(input_ids=torch.full((2, 5), 5), attention_mask=torch.ones(2, 4)), ValueError, r"attention_mask.*\[2, 5\].*\[2, 4\]"),
+    "labels shape": (dict(input_ids=torch.full((2, 5), 5), labels=torch.full((2, 4), 5)), ValueError, r"labels.*\[2, 5\].*\[2, 4\]"),
+    "float ids": (dict(input_ids=torch.ones(2, 5)), TypeError, r"input_ids.*integer"),
+    "attentions": (dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=False"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_name_the_argument_before_compute(case, monkeypatch):
+    kwargs, error, message = BAD_INPUTS[case]
+    model = tiny_model()
+    monkeypatch.setattr(model, "_latents", lambda *args: pytest.fail("computed before the check"))
+    with pytest.raises(error, match=message):
+        model(**kwargs)
+
+
+def test_a_filled_foreign_cache_is_refused():
+    cache = DynamicCache()
+    cache.update(torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), 0)
+    with pytest.raises(TypeError, match=r"cache.*PerceiverLiteCausalLMCache.*DynamicCache.*3 tokens"):
+        tiny_model()(torch.full((2, 1), 5), cache=cache, use_cache=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(position_encoding_type="fourier"), "position_encoding_type"),
+        (dict(input_projection_dim=8), "input_projection_dim"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        PerceiverLiteForCausalLM(tiny_config(**{"position_encoding_type": "rotary", **overrides}))
+
+
+def test_rotary_config_checks():
+    with pytest.raises(ValueError, match="qk_channels.*odd"):
+        tiny_config(head_dim=3, dim=24)
+    with pytest.raises(ValueError, match="rope_theta"):
+        tiny_config(rope_theta=0)
+    with pytest.raises(ValueError, match="prefix_dropout"):
+        tiny_config(prefix_dropout=1.0)
+    with pytest.raises(ValueError, match="rotary.*PerceiverLiteForCausalLM"):
+        PerceiverLiteModel(tiny_config())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ecosystem
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A float32 model and PerceiverTokenizer (left padding) saved in one folder."""
+    folder = tmp_path_factory.mktemp("causal_lm")
+    torch.manual_seed(0)
+    config = tiny_config("paper", pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = PerceiverLiteForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    tokenizer = PerceiverTokenizer(padding_side="left")
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer, folder
+
+
+def test_auto_model_for_causal_lm_loads_the_saved_model(saved_model):
+    model, _, folder = saved_model
+    loaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(loaded) is PerceiverLiteForCausalLM
+    assert loaded.lm_head.weight is loaded.embeddings.weight
+    ids = random_ids(2, CONTEXT)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert type(AutoModelForCausalLM.from_config(tiny_config())) is PerceiverLiteForCausalLM
+
+
+def test_text_generation_pipeline_from_the_saved_folder(saved_model):
+    model, tokenizer, folder = saved_model
+    generator = pipeline("text-generation", model=str(folder), tokenizer=str(folder))
+    prompt, options = "Hello", dict(add_special_tokens=False, max_new_tokens=8, do_sample=False)  # bytes, no [CLS]/[SEP]
+    result = generator(prompt, return_tensors=True, **options)[0]["generated_token_ids"]
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert list(result) == expected[0].tolist()
+    assert generator(prompt, **options)[0]["generated_text"].startswith(prompt)
+    batch = generator(["Hi", "A longer prompt"], batch_size=2, **options)  # padded on the left
+    assert [len(result) for result in batch] == [1, 1]
+
+
+def test_trust_remote_code_loads_without_the_package(saved_model, tmp_path):
+    model, _, folder = saved_model
+    ids = random_ids(3, CONTEXT)
+    with torch.no_grad():
+        expected = model(ids).logits
+    reference = tmp_path / "reference.safetensors"
+    save_file({"inputs": ids, "expected": expected}, reference, metadata={"output": "logits"})
+    cases = [{"folder": str(folder), "auto_class": "AutoModelForCausalLM", "reference": str(reference)}]
+    report = load_without_package(cases, tmp_path / "remote")
+    assert report["package_importable_before"] is False and report["package_modules"] == []
+    case = report["cases"][0]
+    assert case["model_class"] == "PerceiverLiteForCausalLM"
+    assert case["module"].startswith("transformers_modules.")
+    assert case["max_abs_diff"] <= 1e-6 and case["resaved_max_abs_diff"] <= 1e-6
+    assert case["resaved_auto_map"]["AutoModelForCausalLM"] == "modeling_perceiver_lite.PerceiverLiteForCausalLM"
+
+
+def byte_dataset(tokenizer, num_samples: int = 12) -> Dataset:
+    """Texts of different lengths (padded on the left by the collator), tokenized without special tokens."""
+    texts = [("the quick brown fox " * 3)[i : i + 6 + i % 5] for i in range(num_samples)]
+    return Dataset.from_dict(dict(tokenizer(texts, add_special_tokens=False)))
+
+
+def test_trainer_with_language_modeling_collator_and_gradient_checkpointing(tmp_path):
+    """Trainer with `DataCollatorForLanguageModeling(mlm=False)` (left padding, -100 on padding) trains with gradient
+    checkpointing; checkpointing gives the gradients of a plain backward."""
+    tokenizer = PerceiverTokenizer(padding_side="left")
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    dataset = byte_dataset(tokenizer)
+    model = PerceiverLiteForCausalLM(tiny_config(initializer_range=0.02)).train()
+    batch = collator([dataset[i] for i in range(4)])
+    assert (batch["attention_mask"][:, 0] == 0).any() and (batch["labels"] == -100).any()
+
+    def gradients(checkpointing: bool):
+        trial = copy.deepcopy(model)
+        if checkpointing:
+            trial.gradient_checkpointing_enable()
+        trial(**batch).loss.backward()
+        return {name: parameter.grad for name, parameter in trial.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for name, gradient in plain.items():
+        torch.testing.assert_close(checkpointed[name], gradient, msg=name)
+
+    model.gradient_checkpointing_enable()
+    arguments = training_arguments(tmp_path, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3)
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
+    losses = [record["loss"] for record in trainer.train() and trainer.state.log_history if "loss" in record]
+    assert trainer.state.global_step == 4
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+
+
+def test_lora_equals_merged_model():
+    """PEFT LoRA on every projection: the adapted model equals its merged model (logits, and the gradient w.r.t. the
+    token embedding), and the adapter changes the logits."""
+    model = tiny_model(dtype=torch.float32)
+    target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False)).eval()
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    ids = random_ids(3, CONTEXT)
+    with torch.no_grad(), peft_model.disable_adapter():
+        plain = peft_model(input_ids=ids).logits
+
+    def logits_and_gradient(wrapped, inner):
+        weight = inner.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        logits = wrapped(input_ids=ids).logits
+        logits.square().sum().backward()
+        return logits.detach(), weight.grad
+
+    lora_logits, lora_gradient = logits_and_gradient(peft_model, peft_model.get_base_model())
+    merged_logits, merged_gradient = logits_and_gradient(merged, merged)
+    assert (lora_logits - plain).abs().max() > 1e-3
+    torch.testing.assert_close(lora_logits, merged_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_gradient, merged_gradient, rtol=1e-4, atol=1e-4 * merged_gradient.abs().max().item())
+
+
+def test_torch_export_with_dynamic_batch():
+    model = tiny_model(dtype=torch.float32)
+    inputs = {"input_ids": random_ids(3, CONTEXT), "attention_mask": torch.ones(3, CONTEXT, dtype=torch.long)}
+    batch = torch.export.Dim("batch", min=2, max=64)
+    exported = torch.export.export(model, (), inputs, dynamic_shapes={name: {0: batch} for name in inputs}).module()
+    for batch_size in (2, 5):
+        mask = torch.ones(batch_size, CONTEXT, dtype=torch.long)
+        mask[1, :4] = 0
+        inputs = {"input_ids": random_ids(batch_size, CONTEXT), "attention_mask": mask}
+        with torch.no_grad():
+            torch.testing.assert_close(exported(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
