@@ -375,8 +375,8 @@ def generate_tokens(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: in
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        mask = torch.ones_like(prompt)
-        return model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, **lengths)
     from perceiver_ar_pytorch.autoregressive_wrapper import AutoregressiveWrapper
 
     return AutoregressiveWrapper(model).generate(prompt, new_tokens)
@@ -848,7 +848,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=None, help="scenario A, B, D and E batch (default 8; E 2)")
     parser.add_argument("--image-size", type=int, default=None, help="scenario A and B image side (default 64)")
     parser.add_argument("--scenarios", nargs="+", choices=list("ABCDE"), default=list("ABCDE"), help="default: all")
-    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES, help="scenarios A, B, D, E (default: both)")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, default=DTYPES, help="scenarios A, B, D, E (default: both)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument(
         "--clock",

@@ -564,7 +564,8 @@ def train_and_evaluate_text(model_name: str, seed: int, budget_seconds: float) -
     train, validation = text_bytes()
     set_seed(seed)
     model = TEXT_MODELS[model_name]()
-    steps, seconds = train_for_budget(model, ByteWindows(train, TEXT["seq_len"]), seed, budget_seconds, TEXT["batch_size"])
+    windows = ByteWindows(train, TEXT["seq_len"])
+    steps, seconds = train_for_budget(model, windows, seed, budget_seconds, TEXT["batch_size"])
     return {
         "model": model_name,
         "dataset": "text",
@@ -633,12 +634,13 @@ def parse_arguments(args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="runs at the same time, one thread each")
     parser.add_argument("--output", type=Path, help="path without suffix (default benchmarks/learning-cpu, --text "
                         "benchmarks/learning-text-cpu)")  # fmt: skip
-    parser.add_argument("--text", action="store_true", help="the byte-level language-modelling task instead (--datasets "
-                        "unused): ours, GPT-2 and perceiver-ar-pytorch, validation bits per byte")  # fmt: skip
+    parser.add_argument("--text", action="store_true", help="the byte-level language-modelling task instead "
+                        "(--datasets unused): ours, GPT-2 and perceiver-ar-pytorch, validation bits per byte")  # fmt: skip
     arguments = parser.parse_args(args)
     models = TEXT_MODELS if arguments.text else MODELS
     arguments.models = arguments.models or list(models)
-    arguments.output = arguments.output or REPO / "benchmarks" / ("learning-text-cpu" if arguments.text else "learning-cpu")
+    default_output = REPO / "benchmarks" / ("learning-text-cpu" if arguments.text else "learning-cpu")
+    arguments.output = arguments.output or default_output
     unknown = sorted(set(arguments.models) - set(models))
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {sorted(models)}")

@@ -99,7 +99,8 @@ def test_causal_lm_generation_continues_the_prompt(name):
     if name == "perceiver-ar-pytorch":
         pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
     benchmark = load_benchmark()
-    setup = benchmark.CausalLMSetup(seq_len=40, batch_size=2, num_latents=8, dim=64, self_attends=1, heads=2, new_tokens=5)
+    sizes = dict(seq_len=40, batch_size=2, num_latents=8, dim=64, self_attends=1, heads=2, new_tokens=5)
+    setup = benchmark.CausalLMSetup(**sizes)
     runner = benchmark.Runner(name, setup, "cpu", "float32")
     tokens = runner.generate()[:, -setup.new_tokens :]
     assert tokens.shape == (2, 5) and tokens.dtype == torch.long
