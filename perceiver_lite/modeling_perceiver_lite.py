@@ -30,6 +30,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -1432,6 +1433,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             # tied to the LM head: at the other heads' unit scale, the first logits would be of size sqrt(E)
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")  # transformers' old name, as its models take it
     @can_return_tuple
     def forward(
         self,
@@ -1497,14 +1499,17 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if cache is not None and not growing:
             cache.drop_latent_states()
 
-        rotary_by_width = {}
+        key_positions_of = {"cross": key_positions, "latent": latent_keys}
+        angles = {}
 
-        def rotary(attention, keys):
+        def rotary(kind: str, attention: PerceiverLiteAttention):
+            """The `(cos, sin)` of the queries' and of the `kind` attention's keys' positions, once per head width."""
             width = attention.head_dim
-            if (width, keys is key_positions) not in rotary_by_width:
-                to_angles = lambda positions: rotary_cos_sin(positions, width, config.rope_theta, embeds.dtype)  # noqa: E731
-                rotary_by_width[width, keys is key_positions] = (to_angles(query_positions), to_angles(keys))
-            return rotary_by_width[width, keys is key_positions]
+            if (kind, width) not in angles:
+                queries, keys = (rotary_cos_sin(positions, width, config.rope_theta, embeds.dtype)
+                                 for positions in (query_positions, key_positions_of[kind]))  # fmt: skip
+                angles[kind, width] = (queries, keys)
+            return angles[kind, width]
 
         hidden_states = recent[:, -num_queries:]  # (B, Q, E): the latents start from their tokens' embeddings
         if self.latent_proj is not None:
@@ -1514,13 +1519,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             block = self.blocks[block_index]
             if block.cross_layer is not None:
                 update = None if cache is None else self._context_update(cache, block_index, window, context_states)
-                attention = block.cross_layer.cross_attention
-                hidden_states = block.cross_layer(
-                    hidden_states, context, cross_mask, rotary(attention, key_positions), update
-                )
+                rotary_angles = rotary("cross", block.cross_layer.cross_attention)
+                hidden_states = block.cross_layer(hidden_states, context, cross_mask, rotary_angles, update)
             for layer in block.layers:
                 update = cache.latent_update(latent_layer) if growing else None
-                hidden_states = layer(hidden_states, None, latent_mask, rotary(layer.self_attention, latent_keys), update)
+                rotary_angles = rotary("latent", layer.self_attention)
+                hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update)
                 latent_layer += 1
         if cache is not None:
             cache.seen_tokens, cache.token_embeddings = total, recent

@@ -281,6 +281,16 @@ def test_cache_slides_with_the_windows():
     assert all(layer.get_seq_length() == 0 for layer in cache.layers[2:])
 
 
+def test_past_key_values_is_the_cache_under_its_old_name():
+    model = tiny_model()
+    ids = random_ids(2, 6)
+    cache = model(ids[:, :5], use_cache=True).cache
+    with pytest.warns(FutureWarning, match="past_key_values"):
+        step = model(ids[:, 5:], past_key_values=cache, use_cache=True)
+    assert step.cache is cache and cache.get_seq_length() == 6
+    torch.testing.assert_close(step.logits[:, -1], model(ids).logits[:, -1], rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------------------------------
@@ -418,7 +428,7 @@ def test_trainer_with_language_modeling_collator_and_gradient_checkpointing(tmp_
     def gradients(checkpointing: bool):
         trial = copy.deepcopy(model)
         if checkpointing:
-            trial.gradient_checkpointing_enable()
+            trial.activation_checkpointing_enable()
         trial(**batch).loss.backward()
         return {name: parameter.grad for name, parameter in trial.named_parameters()}
 
@@ -426,12 +436,14 @@ def test_trainer_with_language_modeling_collator_and_gradient_checkpointing(tmp_
     for name, gradient in plain.items():
         torch.testing.assert_close(checkpointed[name], gradient, msg=name)
 
-    model.gradient_checkpointing_enable()
-    arguments = training_arguments(tmp_path, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3)
+    model.activation_checkpointing_enable()
+    before = model.lm_head.weight.detach().clone()
+    arguments = training_arguments(tmp_path, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1)
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator)
-    losses = [record["loss"] for record in trainer.train() and trainer.state.log_history if "loss" in record]
-    assert trainer.state.global_step == 4
-    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+    trainer.train()
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    assert len(losses) == 4 and torch.isfinite(torch.tensor(losses)).all()
+    assert not torch.equal(model.lm_head.weight, before) and model.lm_head.weight is model.embeddings.weight
 
 
 def test_lora_equals_merged_model():
