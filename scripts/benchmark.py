@@ -884,7 +884,7 @@ def main():
     if args.quick:
         base = Setup(image_size=16, batch_size=2, num_latents=32, dim=64, num_bands=8, self_attends=2)
         masked_lm = MaskedLMSetup(seq_len=256, batch_size=4, d_model=64, num_latents=16, dim=64, self_attends=2, qk_channels=32)
-        causal_lm = CausalLMSetup(seq_len=64, num_latents=16, dim=64, self_attends=2, heads=2, new_tokens=4)
+        causal_lm = CausalLMSetup(seq_len=256, num_latents=32, dim=64, self_attends=2, heads=2, new_tokens=4)
         image_sizes, repeats = [16, 32], args.repeats or 1
     else:
         base = Setup()
