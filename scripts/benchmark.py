@@ -24,6 +24,15 @@ short measurements (inference, and the matmul products that give this machine's 
   `PerceiverLM` at the same widths, in float32 and bfloat16: inference and training-step throughput, peak memory.
   "ours (sparse prediction)" is the same model with `sparse_prediction=True`: its training step decodes only the
   masked tokens (the same loss), its inference every token, as "ours".
+- Scenario E: byte-level causal language modelling at long context (Perceiver AR: the last `num_latents` positions
+  are the latents, one causal cross-attend from them to the whole context, causal self-attention over them), ours
+  (`PerceiverLiteForCausalLM`) against transformers' `GPT2LMHeadModel` (full causal attention over every position,
+  `attn_implementation="sdpa"`, the same width and number of self-attention layers, built from its config) and
+  perceiver-ar-pytorch's `PerceiverAR` at the same widths, no dropout: training-step throughput (each model's own
+  loss: GPT-2 predicts every position, the Perceiver ARs the latent positions), generation throughput (greedy
+  continuation of a `seq_len - new_tokens` prompt by `new_tokens` tokens, the prompt's forward pass included:
+  transformers' `generate` with its key/value cache for ours and GPT-2, perceiver-ar-pytorch's own `generate`, which
+  has no cache and runs a full forward pass per token) and peak training memory.
 
 Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
 allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
@@ -66,7 +75,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 
 NUM_LABELS = 10
-PEERS = ("transformers", "perceiver-pytorch")
+PEERS = ("transformers", "perceiver-pytorch", "GPT-2", "perceiver-ar-pytorch")
 DTYPES = ["float32", "bfloat16"]  # `--dtypes` narrows them
 
 
@@ -123,6 +132,31 @@ class MaskedLMSetup:
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMSetup:
+    """A byte-level causal language model over `seq_len` tokens whose last `num_latents` positions are the latents;
+    generation continues the first `seq_len - new_tokens` tokens by `new_tokens`, so the context ends at `seq_len`."""
+
+    seq_len: int = 2048
+    batch_size: int = 2
+    vocab_size: int = 262
+    num_latents: int = 256
+    dim: int = 256
+    self_attends: int = 6
+    heads: int = 8
+    ff_scale: int = 4  # GPT-2's and perceiver-ar-pytorch's feed-forward width / dim
+    new_tokens: int = 16
+
+    def batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len), generator=generator)
+        return inputs, inputs  # the labels are the inputs: position t predicts token t + 1
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy over the positions the logits cover, the last `logits.shape[1]` ones."""
+        targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -278,6 +312,83 @@ def build_ours_masked_lm_sparse(setup: MaskedLMSetup):
     return model, logits, lambda inputs, labels: model(inputs, labels=labels).loss
 
 
+def build_ours_causal_lm(setup: CausalLMSetup):
+    from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForCausalLM
+
+    config = PerceiverLiteConfig(
+        data_shape=[setup.dim, setup.seq_len],
+        num_latent_tokens=setup.num_latents,
+        dim=setup.dim,
+        heads=setup.heads,
+        cross_heads=setup.heads,
+        layers_indice=[0],
+        num_latent_transformers_in_layers=[setup.self_attends],
+        ff_dim_scale=setup.ff_scale,
+        position_encoding_type="rotary",
+        vocab_size=setup.vocab_size,
+    )
+    model = PerceiverLiteForCausalLM(config)
+    return model, lambda inputs: model(inputs).logits
+
+
+def build_gpt2(setup: CausalLMSetup):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=setup.vocab_size,
+        n_positions=setup.seq_len,
+        n_embd=setup.dim,
+        n_layer=setup.self_attends,
+        n_head=setup.heads,
+        n_inner=setup.ff_scale * setup.dim,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    model = GPT2LMHeadModel(config)
+    return model, lambda inputs: model(inputs).logits
+
+
+def build_perceiver_ar_pytorch(setup: CausalLMSetup):
+    from perceiver_ar_pytorch import PerceiverAR
+
+    model = PerceiverAR(
+        num_tokens=setup.vocab_size,
+        dim=setup.dim,
+        depth=setup.self_attends,
+        max_seq_len=setup.seq_len,
+        cross_attn_seq_len=setup.seq_len - setup.num_latents,  # the prefix: every position before the latents
+        dim_head=setup.dim // setup.heads,
+        heads=setup.heads,
+        ff_mult=setup.ff_scale,
+    )
+    return model, model  # the logits of the latent positions
+
+
+def generate_tokens(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """`prompt` continued by `new_tokens` tokens through the model's own generation API: transformers' greedy
+    `generate` (its key/value cache), or perceiver-ar-pytorch's `AutoregressiveWrapper.generate` (top-k sampling, a
+    full forward pass over the last `max_seq_len` tokens per new token)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, **lengths)
+    from perceiver_ar_pytorch.autoregressive_wrapper import AutoregressiveWrapper
+
+    return AutoregressiveWrapper(model).generate(prompt, new_tokens)
+
+
+CAUSAL_LM_BUILDERS = {
+    "ours": build_ours_causal_lm,
+    "GPT-2": build_gpt2,
+    "perceiver-ar-pytorch": build_perceiver_ar_pytorch,
+}
+
+
 MASKED_LM_BUILDERS = {
     "ours": build_ours_masked_lm,
     "ours (sparse prediction)": build_ours_masked_lm_sparse,
@@ -301,8 +412,9 @@ BUILDERS = {
 
 
 def builder(name: str, setup):
-    """The function that builds model `name` for `setup`: an image classifier, or a masked language model."""
-    return (MASKED_LM_BUILDERS if isinstance(setup, MaskedLMSetup) else BUILDERS)[name]
+    """The function that builds model `name` for `setup`: an image classifier, a masked or a causal language model."""
+    builders = {MaskedLMSetup: MASKED_LM_BUILDERS, CausalLMSetup: CAUSAL_LM_BUILDERS}.get(type(setup), BUILDERS)
+    return builders[name]
 
 
 class Runner:
@@ -333,6 +445,13 @@ class Runner:
             if self.own_loss is not None:
                 return self.own_loss(self.inputs, self.labels)
             return self.setup.loss(self.logits(self.inputs), self.labels)
+
+    def generate(self):
+        """The first `seq_len - new_tokens` inputs continued by `new_tokens` tokens (causal language models)."""
+        self.model.eval()
+        prompt = self.inputs[:, : self.setup.seq_len - self.setup.new_tokens]
+        with torch.inference_mode(), self.autocast:
+            return generate_tokens(self.model, prompt, self.setup.new_tokens)
 
     def train_step(self):
         self.loss().backward()
@@ -491,14 +610,22 @@ SCENARIO_MODELS = {
     "B": ["ours", "perceiver-pytorch"],
     "C": ["ours", "transformers", "perceiver-pytorch"],
     "D": ["ours", "ours (sparse prediction)", "transformers", "perceiver-pytorch"],
+    "E": ["ours", "GPT-2", "perceiver-ar-pytorch"],
 }
 TRAINING_ONLY = ("ours (checkpointing)", "ours (sparse prediction)")  # inference as "ours"
+# perceiver-ar-pytorch fails under bfloat16 autocast: it fills its bfloat16 attention scores with float32's minimum
+UNSUPPORTED = {("perceiver-ar-pytorch", "bfloat16")}
+
+
+def scenario_models(scenario: str, dtype: str) -> list[str]:
+    """The models that scenario `scenario` measures in `dtype`."""
+    return [name for name in SCENARIO_MODELS[scenario] if (name, dtype) not in UNSUPPORTED]
 
 
 def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
     """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
-    jobs = [(name, setups[s], dtype) for s in "ABD" if s in setups for dtype in DTYPES
-            for name in SCENARIO_MODELS[s]]  # fmt: skip
+    jobs = [(name, setups[s], dtype) for s in "ABDE" if s in setups for dtype in DTYPES
+            for name in scenario_models(s, dtype)]  # fmt: skip
     for image_size in image_sizes if "C" in setups else ():
         setup = dataclasses.replace(setups["C"], image_size=image_size)
         jobs += [(name, setup, "float32") for name in SCENARIO_MODELS["C"]]
@@ -528,6 +655,35 @@ def scenario_a(setup: Setup, device: str, repeats: int, rates: dict, memory: dic
             row["train_matmul_fraction"] = row["train_gflops_per_s"] / rates[dtype]
             row["train_peak_mib"] = memory[name, setup, dtype]
             rows.append(row)
+        _add_ratios(rows[-len(names) :])
+    return rows
+
+
+def scenario_e(setup: CausalLMSetup, device: str, repeats: int, rates: dict, memory: dict) -> list[dict]:
+    """Training-step and generation throughput, achieved training FLOP rate and peak memory of the causal LMs."""
+    rows = []
+    for dtype in DTYPES:
+        names = scenario_models("E", dtype)
+        runners = {name: Runner(name, setup, device, dtype) for name in names}
+        flops = {name: runners[name].flops()[1] for name in names}
+        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+        generation = interleaved_minimum({n: r.generate for n, r in runners.items()}, device, repeats)
+        del runners
+        gc.collect()
+        for name in names:
+            rows.append(
+                {
+                    "scenario": "E",
+                    "dtype": dtype,
+                    "model": name,
+                    "parameters": _parameters(name, setup),
+                    "train_samples_per_s": setup.batch_size / training[name],
+                    "train_gflops_per_s": flops[name] / training[name] / 1e9,
+                    "train_matmul_fraction": flops[name] / training[name] / 1e9 / rates[dtype],
+                    "generate_tokens_per_s": setup.batch_size * setup.new_tokens / generation[name],
+                    "train_peak_mib": memory[name, setup, dtype],
+                }
+            )
         _add_ratios(rows[-len(names) :])
     return rows
 
@@ -603,7 +759,12 @@ def _parameters(name: str, setup: Setup) -> int:
 def _add_ratios(rows: list[dict]):
     """Each row's throughput over the faster peer's and peak memory over the leaner peer's."""
     peers = [row for row in rows if row["model"] in PEERS]
-    for key, best in (("inference_samples_per_s", max), ("train_samples_per_s", max), ("train_peak_mib", min)):
+    for key, best in (
+        ("inference_samples_per_s", max),
+        ("train_samples_per_s", max),
+        ("generate_tokens_per_s", max),
+        ("train_peak_mib", min),
+    ):
         values = [row[key] for row in peers if key in row]
         for row in rows:
             if values and key in row:
@@ -625,6 +786,8 @@ COLUMNS = {
     "inference_samples_per_s_vs_best_peer": ("x faster peer", "{:.2f}"),
     "train_samples_per_s": ("train samples/s", "{:.2f}"),
     "train_samples_per_s_vs_best_peer": ("x faster peer", "{:.2f}"),
+    "generate_tokens_per_s": ("generate tokens/s", "{:.1f}"),
+    "generate_tokens_per_s_vs_best_peer": ("x faster peer", "{:.2f}"),
     "train_step_s": ("train step (s)", "{:.3f}"),
     "train_peak_mib": ("train peak (MiB)", "{:.0f}"),
     "train_peak_mib_vs_best_peer": ("x leaner peer", "{:.2f}"),
@@ -663,6 +826,7 @@ def report(results: dict) -> str:
         ("B", "Scenario B: {cross_attends} cross-attends, block 1 repeated with shared weights"),
         ("C", "Scenario C: growth with input size (float32 training step, batch {batch_size})"),
         ("D", "Scenario D: masked language modelling (Perceiver IO), {seq_len} byte tokens"),
+        ("E", "Scenario E: causal language modelling (Perceiver AR), {seq_len} byte tokens, {num_latents} latents"),
     ):
         if scenario not in results["setups"]:
             continue
@@ -681,10 +845,12 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per training measurement (default 5, quick 1)")
-    parser.add_argument("--batch-size", type=int, default=None, help="scenario A, B and D batch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=None, help="scenario A, B, D and E batch (default 8; E 2)")
     parser.add_argument("--image-size", type=int, default=None, help="scenario A and B image side (default 64)")
-    parser.add_argument("--scenarios", nargs="+", choices=list("ABCD"), default=list("ABCD"), help="default: all")
-    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES, help="scenarios A, B, D (default: both)")
+    parser.add_argument("--scenarios", nargs="+", choices=list("ABCDE"), default=list("ABCDE"), help="default: all")
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=DTYPES, default=DTYPES, help="scenarios A, B, D, E (default: both)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU (default: torch's)")
     parser.add_argument(
         "--clock",
@@ -718,14 +884,17 @@ def main():
     if args.quick:
         base = Setup(image_size=16, batch_size=2, num_latents=32, dim=64, num_bands=8, self_attends=2)
         masked_lm = MaskedLMSetup(seq_len=256, batch_size=4, d_model=64, num_latents=16, dim=64, self_attends=2, qk_channels=32)
+        causal_lm = CausalLMSetup(seq_len=256, num_latents=32, dim=64, self_attends=2, heads=2, new_tokens=4)
         image_sizes, repeats = [16, 32], args.repeats or 1
     else:
         base = Setup()
         masked_lm = MaskedLMSetup()
+        causal_lm = CausalLMSetup()
         image_sizes, repeats = [37, 74, 148], args.repeats or 5  # 4.1k, 16.4k and 65.7k input elements
     if args.batch_size:
         base = dataclasses.replace(base, batch_size=args.batch_size)
         masked_lm = dataclasses.replace(masked_lm, batch_size=args.batch_size)
+        causal_lm = dataclasses.replace(causal_lm, batch_size=args.batch_size)
     if args.image_size:
         base = dataclasses.replace(base, image_size=args.image_size)
     setups = {
@@ -733,6 +902,7 @@ def main():
         "B": dataclasses.replace(base, cross_attends=4),
         "C": dataclasses.replace(base, batch_size=2 if args.device == "cpu" else base.batch_size),
         "D": masked_lm,
+        "E": causal_lm,
     }
     setups = {name: setup for name, setup in setups.items() if name in args.scenarios}
 
@@ -748,6 +918,8 @@ def main():
             scenario_rows = scenario_b(setups["B"], args.device, repeats, memory)
         elif name == "C":
             scenario_rows, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
+        elif name == "E":
+            scenario_rows = scenario_e(setups["E"], args.device, max(repeats - 2, 1), rates, memory)
         else:
             scenario_rows = scenario_a(setups[name], args.device, repeats, rates, memory, scenario=name)
         print(markdown_table(scenario_rows), flush=True)

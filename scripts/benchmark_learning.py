@@ -5,6 +5,7 @@ perceiver-pytorch's `Perceiver` of the same configuration.
     python scripts/benchmark_learning.py                            # 3 data sets x 5 seeds x 3 models x 60 s, ~25 min
     python scripts/benchmark_learning.py --budget 240 --seeds 0 1 2 # 4 minutes a run (about 40 minutes in all)
     python scripts/benchmark_learning.py --datasets sequence --seeds 0 --budget 20
+    python scripts/benchmark_learning.py --text --budget 600 --seeds 0 1 --workers 3   # language modelling, ~25 min
 
 Each model trains from scratch through `transformers.Trainer`, as a user would (perceiver-pytorch inside a small
 wrapper that returns the loss): AdamW at lr 1e-3 with weight decay 0.05 (Trainer's own optimizer: no decay on biases
@@ -36,6 +37,17 @@ Both models share one config: 16 latents of width 64, 4 latent heads of width 16
 64, block 0 then block 1 twice with shared weights, 2 latent self-attention layers per block, 16 linear Fourier bands
 up to the input's Nyquist frequency, dropout 0.1 on attention weights and feed-forward outputs; ours has feed-forward
 layers of width 6 x dim, the parameter count of perceiver-pytorch's GEGLU with factor 4.
+
+`--text` runs a byte-level language-modelling task instead: `pydoc_data.topics` (Python's documentation of its syntax
+and built-in types, about 465 KB of English that ships with Python) as UTF-8 bytes, the first 90 % for training (every
+window of `seq_len` bytes, in random order) and the last 10 % for validation. The models, of one size (`TEXT`): ours
+(`PerceiverLiteForCausalLM`, Perceiver AR: the last `num_latents` positions are the latents; "ours (recommended)" with
+the small-model initialisation, `initializer_range=(3 * dim) ** -0.5`), transformers'
+`GPT2LMHeadModel` (causal self-attention over every position, `attn_implementation="sdpa"`) and perceiver-ar-pytorch's
+`PerceiverAR`, each with `self_attends` causal self-attention layers of width `dim` and no dropout; batch 16, the same
+optimizer and time-cosine schedule. The Perceiver ARs learn from the next-byte predictions of their latent positions,
+GPT-2 from every position's. All are scored on the same validation targets and contexts (`bits_per_byte`). Results go
+to `benchmarks/learning-text-cpu.{md,json}`.
 """
 
 import argparse
@@ -277,13 +289,31 @@ def budget_callback(budget: TimeBudget):
 
 def train_and_evaluate(model_name: str, dataset: str, seed: int, budget_seconds: float) -> dict:
     """One run on one thread: build, train through `Trainer` for the budget, evaluate on the test split."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(1)
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
+    torch.set_num_threads(1)
     task = load_task(dataset)
     set_seed(seed)
     model, input_name = MODELS[model_name](task)
+    train_data = ArrayDataset(task.train_inputs, task.train_labels, input_name)
+    steps, seconds = train_for_budget(model, train_data, seed, budget_seconds)
+    return {
+        "model": model_name,
+        "dataset": dataset,
+        "seed": seed,
+        "accuracy": accuracy(model, input_name, task.test_inputs, task.test_labels),
+        "steps": steps,
+        "train_seconds": seconds,
+        "steps_per_second": steps / seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def train_for_budget(model: nn.Module, train_data, seed: int, budget_seconds: float, batch_size: int = 32):
+    """Train `model` through `Trainer` for `budget_seconds` under the time-cosine schedule; `(steps, seconds)`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import Trainer, TrainingArguments
+
     budget = TimeBudget(budget_seconds)
 
     class TimeCosineTrainer(Trainer):
@@ -295,7 +325,7 @@ def train_and_evaluate(model_name: str, dataset: str, seed: int, budget_seconds:
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir,
-            per_device_train_batch_size=32,
+            per_device_train_batch_size=batch_size,
             learning_rate=1e-3,
             weight_decay=0.05,
             max_steps=10**8,  # the time budget ends training
@@ -308,20 +338,9 @@ def train_and_evaluate(model_name: str, dataset: str, seed: int, budget_seconds:
             disable_tqdm=True,
             dataloader_num_workers=0,
         )
-        train_data = ArrayDataset(task.train_inputs, task.train_labels, input_name)
         trainer = TimeCosineTrainer(model=model, args=args, train_dataset=train_data, callbacks=[budget_callback(budget)])
         trainer.train()
-    steps, seconds = trainer.state.global_step, budget.elapsed()
-    return {
-        "model": model_name,
-        "dataset": dataset,
-        "seed": seed,
-        "accuracy": accuracy(model, input_name, task.test_inputs, task.test_labels),
-        "steps": steps,
-        "train_seconds": seconds,
-        "steps_per_second": steps / seconds,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    return trainer.state.global_step, budget.elapsed()
 
 
 @torch.no_grad()
@@ -335,24 +354,31 @@ def accuracy(model: nn.Module, input_name: str, inputs: np.ndarray, labels: np.n
     return correct / len(labels)
 
 
-def _train_and_evaluate(arguments: tuple) -> dict:
-    return train_and_evaluate(*arguments)
+def _call(function_and_arguments: tuple):
+    function, arguments = function_and_arguments
+    return function(*arguments)
+
+
+def run_parallel(function, runs: list[tuple], workers: int):
+    """`function(*run)` for every run, in order, `workers` forked processes at a time (builders added at run time
+    work); runs submitted one after another start together."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        yield from pool.imap(_call, [(function, run) for run in runs], chunksize=1)
 
 
 def run_all(models: list[str], datasets: list[str], seeds: list[int], budget: float, workers: int) -> list[dict]:
     """Every (data set, seed, model) run; the models of one data set and seed are submitted together, so that with
-    `workers` >= the number of models they train at the same time. Forked processes: builders added at run time work."""
-    context = multiprocessing.get_context("fork")
-    runs = [(model, dataset, seed) for dataset in datasets for seed in seeds for model in models]
+    `workers` >= the number of models they train at the same time."""
+    runs = [(model, dataset, seed, budget) for dataset in datasets for seed in seeds for model in models]
     results = []
-    with context.Pool(workers, maxtasksperchild=1) as pool:
-        for result in pool.imap(_train_and_evaluate, [(*run, budget) for run in runs], chunksize=1):
-            print(
-                f"{result['dataset']:>9} seed {result['seed']} {result['model']:>30}: accuracy {result['accuracy']:.3f}"
-                f", {result['steps_per_second']:.1f} steps/s",
-                flush=True,
-            )
-            results.append(result)
+    for result in run_parallel(train_and_evaluate, runs, workers):
+        print(
+            f"{result['dataset']:>9} seed {result['seed']} {result['model']:>30}: accuracy {result['accuracy']:.3f}"
+            f", {result['steps_per_second']:.1f} steps/s",
+            flush=True,
+        )
+        results.append(result)
     return results
 
 
@@ -398,25 +424,234 @@ def markdown(rows: list[dict], command: str, budget: float, seeds: list[int]) ->
               f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Byte-level language modelling (`--text`): Python's own documentation, ours against GPT-2 and perceiver-ar-pytorch
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The three models' shared size: a context of `seq_len` bytes whose last `num_latents` positions are the Perceiver ARs'
+# latents (GPT-2 attends over every position), `self_attends` causal self-attention layers of width `dim`, feed-forward
+# layers of width 4 x dim, no dropout (the budget is a few epochs of the data).
+TEXT = {"seq_len": 512, "num_latents": 128, "dim": 128, "heads": 4, "self_attends": 4, "batch_size": 16}
+TEXT_VALIDATION_FRACTION = 0.1
+
+
+def text_bytes() -> tuple[np.ndarray, np.ndarray]:
+    """The texts of `pydoc_data.topics` (Python's documentation of its syntax and built-in types, ~465 KB of English,
+    shipped with Python) joined in key order as UTF-8 bytes; `(train, validation)`: the first 90 %, the last 10 %."""
+    from pydoc_data.topics import topics
+
+    data = np.frombuffer("\n".join(topics[key] for key in sorted(topics)).encode("utf-8"), dtype=np.uint8)
+    split = round(len(data) * (1 - TEXT_VALIDATION_FRACTION))
+    return data[:split], data[split:]
+
+
+class ByteWindows(torch.utils.data.Dataset):
+    """Every window of `length` consecutive bytes of `data` as `input_ids` and `labels` (the models shift them)."""
+
+    def __init__(self, data: np.ndarray, length: int):
+        self.data, self.length = torch.from_numpy(data.astype(np.int64)), length
+
+    def __len__(self) -> int:
+        return len(self.data) - self.length + 1
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        window = self.data[index : index + self.length]
+        return {"input_ids": window, "labels": window}
+
+
+def next_byte_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the logits of the last `K = logits.shape[1]` positions against the byte after each (the last
+    position's is outside the window: `K - 1` targets)."""
+    targets = labels[:, labels.shape[1] - logits.shape[1] + 1 :]
+    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+
+
+def build_ours_text(**overrides):
+    """`PerceiverLiteForCausalLM` at the shared size; `overrides` replace config fields."""
+    from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForCausalLM
+
+    fields = dict(
+        data_shape=[TEXT["dim"], TEXT["seq_len"]],
+        num_latent_tokens=TEXT["num_latents"],
+        dim=TEXT["dim"],
+        heads=TEXT["heads"],
+        cross_heads=TEXT["heads"],
+        layers_indice=[0],
+        num_latent_transformers_in_layers=[TEXT["self_attends"]],
+        ff_dim_scale=4,
+        ff_dropout=0.0,
+        attention_dropout=0.0,
+        position_encoding_type="rotary",
+        vocab_size=256,
+    )
+    return PerceiverLiteForCausalLM(PerceiverLiteConfig(**{**fields, **overrides}))
+
+
+def build_gpt2_text():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=256,
+        n_positions=TEXT["seq_len"],
+        n_embd=TEXT["dim"],
+        n_layer=TEXT["self_attends"],
+        n_head=TEXT["heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config)
+
+
+class PerceiverARLanguageModel(nn.Module):
+    """perceiver-ar-pytorch's `PerceiverAR` behind the interface `Trainer` expects: `input_ids` and `labels` (the
+    `input_ids`), a dict with the next-byte loss of the latent positions and their logits."""
+
+    def __init__(self):
+        super().__init__()
+        from perceiver_ar_pytorch import PerceiverAR
+
+        self.net = PerceiverAR(
+            num_tokens=256,
+            dim=TEXT["dim"],
+            depth=TEXT["self_attends"],
+            max_seq_len=TEXT["seq_len"],
+            cross_attn_seq_len=TEXT["seq_len"] - TEXT["num_latents"],
+            dim_head=TEXT["dim"] // TEXT["heads"],
+            heads=TEXT["heads"],
+            ff_mult=4,
+        )
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.net(input_ids)  # (B, num_latents, 256)
+        return {"loss": None if labels is None else next_byte_loss(logits, labels), "logits": logits}
+
+
+TEXT_MODELS = {
+    "ours": build_ours_text,
+    # the small-model initialisation of `RECOMMENDED`: weights at about PyTorch's default scale, (3 x dim) ** -0.5
+    "ours (recommended)": lambda: build_ours_text(initializer_range=round((3 * TEXT["dim"]) ** -0.5, 3)),
+    "GPT-2": build_gpt2_text,
+    "perceiver-ar-pytorch": PerceiverARLanguageModel,
+}
+
+
+@torch.no_grad()
+def bits_per_byte(model: nn.Module, data: np.ndarray, batch_size: int = 32) -> float:
+    """Mean next-byte cross-entropy in bits over `data`, the same targets and contexts for every model: windows of
+    `seq_len` bytes at a stride of `num_latents - 1`, each scoring the predictions of its last `num_latents` positions
+    (the Perceiver ARs' latents), so every byte after the first `seq_len - num_latents + 1` is scored once, with at
+    least `seq_len - num_latents` bytes of context."""
+    model.eval()
+    length, scored = TEXT["seq_len"], TEXT["num_latents"]
+    windows = ByteWindows(data, length).data.unfold(0, length, scored - 1)  # (windows, seq_len)
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        input_ids = windows[start : start + batch_size]
+        logits = model(input_ids=input_ids)["logits"][:, -scored:]  # (B, num_latents, 256)
+        total += next_byte_loss(logits, input_ids, reduction="sum").item()
+    return total / (len(windows) * (scored - 1)) / math.log(2)
+
+
+def train_and_evaluate_text(model_name: str, seed: int, budget_seconds: float) -> dict:
+    """One run on one thread: build, train through `Trainer` for the budget, validation bits per byte."""
+    from transformers import set_seed
+
+    torch.set_num_threads(1)
+    train, validation = text_bytes()
+    set_seed(seed)
+    model = TEXT_MODELS[model_name]()
+    windows = ByteWindows(train, TEXT["seq_len"])
+    steps, seconds = train_for_budget(model, windows, seed, budget_seconds, TEXT["batch_size"])
+    return {
+        "model": model_name,
+        "dataset": "text",
+        "seed": seed,
+        "bits_per_byte": bits_per_byte(model, validation),
+        "steps": steps,
+        "train_seconds": seconds,
+        "steps_per_second": steps / seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_text(models: list[str], seeds: list[int], budget: float, workers: int) -> list[dict]:
+    """Every (seed, model) run of the text task; the models of one seed train at the same time."""
+    runs = [(model, seed, budget) for seed in seeds for model in models]
+    results = []
+    for result in run_parallel(train_and_evaluate_text, runs, workers):
+        print(f"seed {result['seed']} {result['model']:>22}: {result['bits_per_byte']:.3f} bits per byte, "
+              f"{result['steps_per_second']:.2f} steps/s", flush=True)  # fmt: skip
+        results.append(result)
+    return results
+
+
+def text_markdown(results: list[dict], models: list[str], command: str, budget: float, seeds: list[int]) -> str:
+    train, validation = text_bytes()
+    lines = [
+        "# Learning benchmark: byte-level language modelling (CPU)",
+        "",
+        f"Validation bits per byte after {budget:g} s of training on one CPU thread per model (the models of a seed "
+        f"at the same time), seeds {', '.join(map(str, seeds))}; `pydoc_data.topics` as bytes, {len(train):,} for "
+        f"training and the last {len(validation):,} for validation; sizes `{TEXT}`. Written by "
+        "`scripts/benchmark_learning.py --text`.",
+        "",
+        "| model | parameters | bits per byte (mean) | per seed | steps/s |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for model in models:
+        runs = sorted((r for r in results if r["model"] == model), key=lambda r: r["seed"])
+        per_seed = " / ".join(f"{r['bits_per_byte']:.3f}" for r in runs)
+        lines.append(
+            f"| {model} | {runs[0]['parameters']:,} | {statistics.mean(r['bits_per_byte'] for r in runs):.3f} "
+            f"| {per_seed} | {statistics.mean(r['steps_per_second'] for r in runs):.2f} |"
+        )
+    lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+              f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main_text(arguments: argparse.Namespace, command: str) -> list[dict]:
+    results = run_text(arguments.models, arguments.seeds, arguments.budget, arguments.workers)
+    report = text_markdown(results, arguments.models, command, arguments.budget, arguments.seeds)
+    arguments.output.parent.mkdir(parents=True, exist_ok=True)
+    arguments.output.with_suffix(".md").write_text(report)
+    payload = {"command": command, "budget_seconds": arguments.budget, "sizes": TEXT, "runs": results}
+    arguments.output.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(report)
+    return results
+
 
 def parse_arguments(args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per run (default 60)")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"from {list(MODELS)}")
+    parser.add_argument("--models", nargs="+", help=f"from {list(MODELS)}; with --text from {list(TEXT_MODELS)}")
     parser.add_argument("--workers", type=int, default=2, help="runs at the same time, one thread each")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "learning-cpu", help="path without suffix")
+    parser.add_argument("--output", type=Path, help="path without suffix (default benchmarks/learning-cpu, --text "
+                        "benchmarks/learning-text-cpu)")  # fmt: skip
+    parser.add_argument("--text", action="store_true", help="the byte-level language-modelling task instead "
+                        "(--datasets unused): ours, GPT-2 and perceiver-ar-pytorch, validation bits per byte")  # fmt: skip
     arguments = parser.parse_args(args)
-    unknown = sorted(set(arguments.models) - set(MODELS))
+    models = TEXT_MODELS if arguments.text else MODELS
+    arguments.models = arguments.models or list(models)
+    default_output = REPO / "benchmarks" / ("learning-text-cpu" if arguments.text else "learning-cpu")
+    arguments.output = arguments.output or default_output
+    unknown = sorted(set(arguments.models) - set(models))
     if unknown:
-        parser.error(f"unknown --models {unknown}; choose from {sorted(MODELS)}")
+        parser.error(f"unknown --models {unknown}; choose from {sorted(models)}")
     return arguments
 
 
 def main(args: list[str] | None = None) -> list[dict]:
     arguments = parse_arguments(args)
     command = " ".join(["python", "scripts/benchmark_learning.py", *(sys.argv[1:] if args is None else args)])
+    if arguments.text:
+        return main_text(arguments, command)
     results = run_all(arguments.models, arguments.datasets, arguments.seeds, arguments.budget, arguments.workers)
     rows = summarize(results, arguments.models, arguments.datasets)
     report = markdown(rows, command, arguments.budget, arguments.seeds)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -83,3 +84,62 @@ def test_models_have_matched_parameter_counts(benchmark, name):
     assert max(counts.values()) <= 1.02 * min(counts.values()), counts
     recommended = benchmark.MODELS["ours (recommended)"](task)[0]
     assert recommended.config.gated_feed_forward and recommended.config.latent_initializer_range == 0.25
+
+
+TINY_TEXT = {"seq_len": 32, "num_latents": 8, "dim": 32, "heads": 1, "self_attends": 1, "batch_size": 4}
+
+
+def test_text_is_python_documentation_split_once(benchmark):
+    train, validation = benchmark.text_bytes()
+    assert len(train) + len(validation) > 400_000 and 0.09 < len(validation) / (len(train) + len(validation)) < 0.11
+    assert train.dtype == np.uint8 and b"lambda" in train.tobytes() and b"class" in validation.tobytes()
+    window = benchmark.ByteWindows(train, 16)[5]
+    assert window["input_ids"].tolist() == list(train[5:21]) and window["input_ids"] is window["labels"]
+    assert len(benchmark.ByteWindows(train, 16)) == len(train) - 15
+
+
+class PeekingModel(torch.nn.Module):
+    """Logits of the last `num_latents` positions from the input itself: uniform, or the next byte (a perfect model)."""
+
+    def __init__(self, num_latents: int, perfect: bool):
+        super().__init__()
+        self.num_latents, self.perfect = num_latents, perfect
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, 256)
+        if self.perfect:
+            logits[:, :-1] = 100 * torch.nn.functional.one_hot(input_ids[:, 1:], 256)
+        return {"logits": logits[:, -self.num_latents :]}
+
+
+def test_bits_per_byte_is_eight_for_uniform_and_zero_for_the_next_byte(benchmark, monkeypatch):
+    monkeypatch.setattr(benchmark, "TEXT", TINY_TEXT)
+    data = benchmark.text_bytes()[1][:1000]
+    assert benchmark.bits_per_byte(PeekingModel(8, perfect=False), data) == pytest.approx(8.0)
+    assert benchmark.bits_per_byte(PeekingModel(8, perfect=True), data) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_text_models_have_close_parameter_counts(benchmark):
+    pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
+    counts = {name: sum(p.numel() for p in build().parameters()) for name, build in benchmark.TEXT_MODELS.items()}
+    assert max(counts.values()) <= 1.3 * min(counts.values()), counts
+    recommended = benchmark.TEXT_MODELS["ours (recommended)"]().config
+    assert recommended.initializer_range == pytest.approx((3 * recommended.dim) ** -0.5, abs=1e-3)
+
+
+def test_tiny_text_run_writes_the_table(benchmark, tmp_path, monkeypatch):
+    pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
+    monkeypatch.setattr(benchmark, "TEXT", TINY_TEXT)  # the forked runs inherit it
+    output = tmp_path / "text"
+    results = benchmark.main(["--text", "--budget", "1", "--seeds", "0", "--workers", "4", "--output", str(output)])
+
+    assert [run["model"] for run in results] == list(benchmark.TEXT_MODELS)
+    for run in results:
+        assert 0.0 < run["bits_per_byte"] < 9.0 and run["steps"] > 0 and run["train_seconds"] >= 1.0, run
+    payload = json.loads(output.with_suffix(".json").read_text())
+    assert payload["sizes"] == TINY_TEXT and len(payload["runs"]) == len(benchmark.TEXT_MODELS)
+    table = output.with_suffix(".md").read_text()
+    assert "| ours |" in table and "| GPT-2 |" in table and "| perceiver-ar-pytorch |" in table
+    assert "python scripts/benchmark_learning.py --text --budget 1" in table
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(["--text", "--models", "perceiver-pytorch"])  # a classification model
