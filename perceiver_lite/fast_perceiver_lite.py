@@ -294,7 +294,7 @@ def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, quer
     config, device = module.config, inputs.device
     kwargs = kwargs or {}
     if (
-        device.type not in DEVICES or not _config_served(config) or is_tracing() or _global_hooks()
+        is_tracing() or device.type not in DEVICES or not _config_served(config) or _global_hooks()
         or any(name not in RECORDED_KWARGS for name in kwargs)
         or any(kwargs.get(name, getattr(config, name, False)) for name in RECORDED_KWARGS)  # hooks record them
     ):  # fmt: skip
