@@ -296,7 +296,7 @@ def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, quer
     config, device = module.config, inputs.device
     kwargs = kwargs or {}
     if (
-        device.type not in DEVICES or not _config_served(config) or is_tracing() or _global_hooks()
+        is_tracing() or device.type not in DEVICES or not _config_served(config) or _global_hooks()
         or any(name not in RECORDED_KWARGS for name in kwargs)
         or any(kwargs.get(name, getattr(config, name, False)) for name in RECORDED_KWARGS)  # hooks record them
     ):  # fmt: skip
@@ -459,7 +459,7 @@ def encode(model, plan: FastPlan, inputs, inputs_embeds, attention_mask, padding
     if plan.factored_inputs:  # the data channels and their Fourier features, never concatenated
         inputs_embeds = inputs.flatten(2).transpose(1, 2)  # (B, M, C)
         positions = embeddings.positions(inputs.shape[2:], attention_mask, inputs.device, inputs.dtype)
-        grid = tuple(inputs.shape[2:]) if attention_mask is None else None  # per-sample positions: no shared grid
+        grid = None if plan.padded else tuple(inputs.shape[2:])  # per-sample positions: no shared grid
         positions = positions.to(model.dtype)  # (M, F) or (B, M, F)
     elif inputs_embeds is None:
         inputs_embeds = embeddings(inputs, attention_mask)  # learned, added or projected: the module's own inputs

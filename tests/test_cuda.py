@@ -1,7 +1,8 @@
-"""On a GPU (skipped without one): the model there computes what it computes on the CPU. Off the CPU every attention
-takes torch's fused kernels (`FastPlan.own_kernels`), the cross-attends to grid features included
-(head size `r`, features expanded along the heads with stride 0); `test_fast_paths` checks that path's
-arithmetic on the CPU's fused kernels, these tests check it on the GPU's."""
+"""On a GPU (skipped without one): the model there computes what it computes on the CPU. On a GPU the plan serves the
+fast paths only where the GPU benchmarks show them faster (`faster_on_cuda`; these tiny inputs run the reference), and
+then every attention takes torch's fused kernels, the cross-attends to grid features included (head size `r`,
+features expanded along the heads with stride 0); `test_fast_paths` checks that path's arithmetic on the CPU's fused
+kernels."""
 
 import copy
 
