@@ -62,7 +62,6 @@ TASKS = {
     "image-classification": (
         "image",
         AutoModelForImageClassification,
-    AutoModelForMaskedLM,
         AutoImageProcessor,
         (3, 8, 8),
         lambda: ViTImageProcessorPil(
@@ -75,7 +74,6 @@ TASKS = {
         "text",
         AutoModelForSequenceClassification,
         AutoTokenizer,
-    DataCollatorForLanguageModeling,
         (16, MAX_LENGTH),
         PerceiverTokenizer,
         texts,
