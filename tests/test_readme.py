@@ -130,9 +130,10 @@ def block_printing(text: str) -> Block:
 def test_quoted_pixel_accuracy_is_what_the_dense_example_prints(readme_run):
     block = block_printing('print(f"pixel accuracy')
     printed = re.search(r"pixel accuracy (\d+\.\d)%", readme_run.result(block).stdout)
-    quoted = re.search(r"\((\d+\.\d) % of held-out pixels", README.read_text())
+    quoted = re.search(r"\((\d+\.\d)(?: to (\d+\.\d))? % of held-out pixels", " ".join(README.read_text().split()))
     assert printed and quoted, readme_run.result(block).stdout[-2000:]
-    assert float(printed[1]) == pytest.approx(float(quoted[1]), abs=0.051)
+    low, high = float(quoted[1]), float(quoted[2] or quoted[1])  # the last digit varies with the CPU threads' sums
+    assert low <= float(printed[1]) <= high
 
 
 def test_fill_mask_example_fills_in_what_readme_says(readme_run):
