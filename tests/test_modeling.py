@@ -249,7 +249,9 @@ def test_initialisation(model_tester):
                                                             latent_initializer_range=0.25))  # fmt: skip
     assert abs(own_scale.latents.std().item() - 0.25) < 0.03
     assert abs(own_scale.blocks[0].cross_layer.cross_attention.q_proj.weight.std().item() - 0.05) < 0.015
-    defaults = PerceiverLiteModel(model_tester.get_config(num_latent_tokens=256, dim=64))  # (3 x 64)^-0.5, 0.25
+    # the config defaults: weights at (3 x 64)^-0.5, latents at 0.25
+    defaults = PerceiverLiteModel(model_tester.get_config(num_latent_tokens=256, dim=64, initializer_range=None,
+                                                          latent_initializer_range=0.25))  # fmt: skip
     assert abs(defaults.latents.std().item() - 0.25) < 0.03
     assert abs(defaults.blocks[0].layers[0].mlp.fc1.weight.std().item() - 0.072) < 0.01
 
