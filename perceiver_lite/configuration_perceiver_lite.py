@@ -85,10 +85,12 @@ class PerceiverLiteConfig(PreTrainedConfig):
             Activation of the feed-forward layers (any name in `transformers.activations.ACT2FN`).
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
             Epsilon of every LayerNorm.
-        initializer_range (`float`, *optional*, defaults to 0.02):
-            Standard deviation of the normal initialisation of weights and of the latent array. 0.02 suits widths
-            near 768; small models learn faster from about PyTorch's default scale, `(3 * dim) ** -0.5` (0.07 at
-            `dim=64`).
+        initializer_range (`float`, *optional*):
+            Standard deviation of the normal initialisation of the weights. `None` (the default) sets it, when the
+            config is built, to `(3 * dim) ** -0.5`: the scale of PyTorch's default `nn.Linear` initialisation for
+            `dim` inputs (0.072 at width 64, 0.026 at the paper's 512, 0.021 at 768, where transformers' usual 0.02
+            sits). A fixed small value such as 0.02 leaves narrow models with near-uniform attention and tiny updates
+            at the start, and they learn slowly.
         use_fast_paths (`bool`, *optional*, defaults to `True`):
             Run the exact fast paths of `fast_perceiver_lite.py` where they are proven exact (the conditions are in
             that module's docstring: sdpa attention, the package's own modules without hooks, no tracing, ...); the
@@ -170,14 +172,17 @@ class PerceiverLiteConfig(PreTrainedConfig):
             outputs are first projected to that width (a linear layer, `hidden_act` and a LayerNorm, as ALBERT's
             masked-LM head); where it is, they go straight to the tied projection. `False` learns its own projection
             from the decoder's outputs.
-        latent_initializer_range (`float`, *optional*):
-            Standard deviation of the latent array's initialisation; `None` uses `initializer_range`. Small models
-            learn faster from latents a few times larger than their weights (0.25 beside `initializer_range=0.07` at
-            width 64).
+        latent_initializer_range (`float`, *optional*, defaults to 0.25):
+            Standard deviation of the latent array's initialisation; `None` uses `initializer_range`. The latents are
+            normalised before every sublayer, so what matters is their scale against the residual updates added to
+            them: at the default `initializer_range` the first cross-attend (attention and feed-forward) adds updates
+            of standard deviation about 0.4, at any width. Latents much smaller than that are overwritten by the first
+            update, nearly the same for every latent, and start alike; at 0.25 they stay distinct.
         gated_feed_forward (`bool`, *optional*, defaults to `False`):
             Gated feed-forward layers: `fc1` gives values and gates, the hidden units are `values * act(gates)`
             (GEGLU with `hidden_act="gelu"`, as perceiver-pytorch's). `ff_dim_scale=4` then has the parameters of a
-            plain feed-forward of scale 6; small models learn faster with it.
+            plain feed-forward of scale 6. Small models learn faster with it, on token inputs most; the default keeps
+            the paper's plain feed-forward, the structure of transformers' Perceiver checkpoints.
         sparse_prediction (`bool`, *optional*, defaults to `False`):
             Where `PerceiverLiteForMaskedLM` or `PerceiverLiteForTokenClassification` get `labels`, decode only the
             positions that have one (not -100): `logits` then holds those rows alone, `(num_labelled, vocab_size)` or
@@ -233,7 +238,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     vocab_size: int = 262
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
+    initializer_range: float | None = None
     use_fast_paths: bool = True
     cross_attend_blocks: list[int] | tuple[int, ...] | None = None
     qk_channels: int | None = None
@@ -257,7 +262,7 @@ class PerceiverLiteConfig(PreTrainedConfig):
     classifier_pooling: str = "mean"
     tie_word_embeddings: bool = True
     gated_feed_forward: bool = False
-    latent_initializer_range: float | None = None
+    latent_initializer_range: float | None = 0.25
     sparse_prediction: bool = False
     prefix_dropout: float | int = 0.0
     rope_theta: float | int = 10000.0
@@ -271,6 +276,8 @@ class PerceiverLiteConfig(PreTrainedConfig):
         if not isinstance(self.resolution, int):
             self.resolution = list(self.resolution)
         super().__post_init__(**kwargs)
+        if self.initializer_range is None and isinstance(self.dim, int) and self.dim > 0:  # else `_validate` fails
+            self.initializer_range = (3 * self.dim) ** -0.5
         self._validate()
         if self.cross_kv_dim is None:
             self.cross_kv_dim = self.expected_cross_kv_dim

@@ -132,6 +132,10 @@ class PerceiverLiteModelTester:
             resolution=self.resolution,
             frequency_base=self.frequency_base,
             num_labels=self.num_labels,
+            # weights and latents at 0.02: the scale the tolerances (bfloat16 autocast above all) are set for; the
+            # config's width-dependent defaults have their own tests
+            initializer_range=0.02,
+            latent_initializer_range=None,
         )
         return PerceiverLiteConfig(**{**kwargs, **self.config_kwargs, **overrides})
 

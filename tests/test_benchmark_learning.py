@@ -78,12 +78,17 @@ def test_unknown_model_is_refused(benchmark, tmp_path):
 
 @pytest.mark.parametrize("name", ["digits", "tokens"])
 def test_models_have_matched_parameter_counts(benchmark, name):
-    """Ours, ours with the recommended (gated) feed-forward and perceiver-pytorch within 2 % of each other's size."""
+    """Ours, its ablations (the fixed initialisation, the gated feed-forward) and perceiver-pytorch within 2 % of each
+    other's size."""
     task = benchmark.load_task(name)
     counts = {model: sum(p.numel() for p in build(task)[0].parameters()) for model, build in benchmark.MODELS.items()}
     assert max(counts.values()) <= 1.02 * min(counts.values()), counts
-    recommended = benchmark.MODELS["ours (recommended)"](task)[0]
-    assert recommended.config.gated_feed_forward and recommended.config.latent_initializer_range == 0.25
+    ours = benchmark.MODELS["ours"](task)[0].config
+    assert ours.initializer_range == pytest.approx((3 * 64) ** -0.5) and ours.latent_initializer_range == 0.25
+    fixed = benchmark.MODELS["ours (initializer_range=0.02)"](task)[0].config
+    assert (fixed.initializer_range, fixed.latent_initializer_range) == (0.02, None)
+    assert benchmark.MODELS["ours (gated)"](task)[0].config.gated_feed_forward
+
 
 
 TINY_TEXT = {"seq_len": 32, "num_latents": 8, "dim": 32, "heads": 1, "self_attends": 1, "batch_size": 4}
@@ -123,8 +128,8 @@ def test_text_models_have_close_parameter_counts(benchmark):
     pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
     counts = {name: sum(p.numel() for p in build().parameters()) for name, build in benchmark.TEXT_MODELS.items()}
     assert max(counts.values()) <= 1.3 * min(counts.values()), counts
-    recommended = benchmark.TEXT_MODELS["ours (recommended)"]().config
-    assert recommended.initializer_range == pytest.approx((3 * recommended.dim) ** -0.5, abs=1e-3)
+    defaults, fixed = (benchmark.TEXT_MODELS[name]().config for name in ("ours", "ours (initializer_range=0.02)"))
+    assert defaults.initializer_range == pytest.approx((3 * defaults.dim) ** -0.5) and fixed.initializer_range == 0.02
 
 
 def test_tiny_text_run_writes_the_table(benchmark, tmp_path, monkeypatch):

@@ -103,7 +103,7 @@ def test_seed_readme_structure_runs_at_small_size():
 def test_defaults_are_the_seed_usage_values():
     assert PerceiverLiteConfig().to_dict() == seed_readme_config().to_dict()
     config = PerceiverLiteConfig()
-    others = dict(vocab_size=262, hidden_act="gelu", layer_norm_eps=1e-5, initializer_range=0.02, cross_kv_dim=259)
+    others = dict(vocab_size=262, hidden_act="gelu", layer_norm_eps=1e-5, cross_kv_dim=259)
     assert {name: getattr(config, name) for name in others} == others
 
 
@@ -251,6 +251,7 @@ def test_config_changed_after_construction_is_validated_when_a_model_is_built(ch
         PerceiverLiteModel(config)
 
 
+<<<<<<< HEAD
 def test_unknown_keyword_warns_naming_the_closest_field():
     """A typo is kept as an attribute that nothing reads (transformers' behaviour): the warning says so and names the
     field meant, at the caller's line."""
@@ -292,3 +293,64 @@ def test_config_file_with_an_extra_key_loads_with_a_warning(tmp_path, recwarn):
             loaded = load(tmp_path)
         assert len([w for w in record if "PerceiverLiteConfig" in str(w.message)]) == 1
         assert getattr(loaded, "config", loaded).dim == 32
+=======
+@pytest.mark.parametrize("dim", [64, 512, 768])
+def test_default_initializer_range_follows_the_width(dim):
+    """`initializer_range=None` becomes PyTorch's `nn.Linear` scale for `dim` inputs when the config is built; saved and
+    loaded as that number. A given value stays."""
+    config = PerceiverLiteConfig(dim=dim, heads=4)
+    assert config.initializer_range == pytest.approx((3 * dim) ** -0.5)
+    assert config.latent_initializer_range == 0.25
+    assert PerceiverLiteConfig.from_dict(config.to_diff_dict()).initializer_range == config.initializer_range
+    assert PerceiverLiteConfig(dim=dim, heads=4, initializer_range=0.02).initializer_range == 0.02
+
+
+# What the package wrote before the initialisation defaults changed, for `SAVED_BEFORE_KWARGS` (a
+# `PerceiverLiteForImageClassification`): every field, the initialisation ranges of that time among them.
+SAVED_BEFORE_KWARGS = dict(data_shape=[1, 8, 8], num_latent_tokens=8, dim=32, heads=4, layers_indice=[0, 1, 1],
+                           num_latent_transformers_in_layers=[1, 1], num_bands=4, resolution=8, num_labels=3)
+SAVED_BEFORE = {
+    "architectures": ["PerceiverLiteForImageClassification"], "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_perceiver_lite.PerceiverLiteConfig",
+        "AutoModel": "modeling_perceiver_lite.PerceiverLiteModel",
+        "AutoModelForAudioClassification": "modeling_perceiver_lite.PerceiverLiteForAudioClassification",
+        "AutoModelForImageClassification": "modeling_perceiver_lite.PerceiverLiteForImageClassification",
+        "AutoModelForMaskedLM": "modeling_perceiver_lite.PerceiverLiteForMaskedLM",
+        "AutoModelForSemanticSegmentation": "modeling_perceiver_lite.PerceiverLiteForDensePrediction",
+        "AutoModelForSequenceClassification": "modeling_perceiver_lite.PerceiverLiteForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_perceiver_lite.PerceiverLiteForTokenClassification",
+    },
+    "classifier_pooling": "mean", "concat_positions": True, "cross_attend_blocks": None,
+    "cross_attention_query_residual": True, "cross_ff_dim": None, "cross_heads": 1, "cross_kv_dim": 19,
+    "cross_qk_channels": None, "cross_v_channels": None, "data_shape": [1, 8, 8], "decoder_dim": None,
+    "decoder_ff_dim_scale": 1, "decoder_heads": 1, "decoder_qk_channels": None, "decoder_query_inputs": False,
+    "decoder_query_residual": True, "decoder_query_type": "fourier", "decoder_v_channels": None, "dim": 32,
+    "dtype": "float32", "ff_dim": None, "ff_dim_scale": 4, "ff_dropout": 0.0, "frequency_base": 2,
+    "gated_feed_forward": False, "head_dim": None, "heads": 4, "hidden_act": "gelu",
+    "id2label": {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}, "initializer_range": 0.02,
+    "input_projection_dim": None, "label2id": {"LABEL_0": 0, "LABEL_1": 1, "LABEL_2": 2},
+    "latent_initializer_range": None, "layer_norm_eps": 1e-05, "layers_indice": [0, 1, 1],
+    "model_type": "perceiver_lite", "num_bands": 4, "num_latent_tokens": 8, "num_latent_transformers_in_layers": [1, 1],
+    "position_dim": None, "position_encoding_type": "fourier", "pre_norm": True, "qk_channels": None, "resolution": 8,
+    "sparse_prediction": False, "tie_word_embeddings": True, "transformers_version": "5.25.0",
+    "use_fast_paths": True, "v_channels": None, "vocab_size": 262,
+}  # fmt: skip
+
+
+def test_a_config_saved_before_the_default_changes_loads_unchanged(tmp_path):
+    """`save_pretrained` writes every PerceiverLite field, defaults included (`to_diff_dict` leaves out only the fields
+    of transformers' base config at their base value), so a folder keeps its values whatever the defaults become: its
+    initialisation ranges, `gated_feed_forward` and all."""
+    (tmp_path / "config.json").write_text(json.dumps(SAVED_BEFORE))
+    config = PerceiverLiteConfig.from_pretrained(tmp_path)
+    assert (config.initializer_range, config.latent_initializer_range, config.gated_feed_forward) == (0.02, None, False)
+    written = {k: v for k, v in SAVED_BEFORE.items() if k not in ("architectures", "auto_map", "transformers_version")}
+    loaded = json.loads(config.to_json_string(use_diff=False))
+    for name, value in written.items():
+        assert loaded[name] == value, name
+    # what the package writes today holds every field too, so a folder saved now loads unchanged under later defaults
+    current = PerceiverLiteConfig(**SAVED_BEFORE_KWARGS)
+    assert set(current.to_diff_dict()) >= set(written) - {"dtype"}
+    assert current.to_diff_dict()["initializer_range"] == pytest.approx(32 ** -0.5 / 3**0.5)
+>>>>>>> defaults

@@ -247,7 +247,8 @@ def test_return_dict_false(model_tester):
 
 
 def test_initialisation(model_tester):
-    config = model_tester.get_config(num_latent_tokens=256, dim=64, initializer_range=0.05)
+    config = model_tester.get_config(num_latent_tokens=256, dim=64, initializer_range=0.05,
+                                     latent_initializer_range=None)  # fmt: skip
     model = PerceiverLiteModel(config)
     assert abs(model.latents.std().item() - 0.05) < 0.01
     for name, module in model.named_modules():
@@ -260,6 +261,11 @@ def test_initialisation(model_tester):
                                                             latent_initializer_range=0.25))  # fmt: skip
     assert abs(own_scale.latents.std().item() - 0.25) < 0.03
     assert abs(own_scale.blocks[0].cross_layer.cross_attention.q_proj.weight.std().item() - 0.05) < 0.015
+    # the config defaults: weights at (3 x 64)^-0.5, latents at 0.25
+    defaults = PerceiverLiteModel(model_tester.get_config(num_latent_tokens=256, dim=64, initializer_range=None,
+                                                          latent_initializer_range=0.25))  # fmt: skip
+    assert abs(defaults.latents.std().item() - 0.25) < 0.03
+    assert abs(defaults.blocks[0].layers[0].mlp.fc1.weight.std().item() - 0.072) < 0.01
 
 
 @pytest.mark.parametrize(
