@@ -251,7 +251,6 @@ def test_config_changed_after_construction_is_validated_when_a_model_is_built(ch
         PerceiverLiteModel(config)
 
 
-<<<<<<< HEAD
 def test_unknown_keyword_warns_naming_the_closest_field():
     """A typo is kept as an attribute that nothing reads (transformers' behaviour): the warning says so and names the
     field meant, at the caller's line."""
@@ -293,7 +292,7 @@ def test_config_file_with_an_extra_key_loads_with_a_warning(tmp_path, recwarn):
             loaded = load(tmp_path)
         assert len([w for w in record if "PerceiverLiteConfig" in str(w.message)]) == 1
         assert getattr(loaded, "config", loaded).dim == 32
-=======
+
 @pytest.mark.parametrize("dim", [64, 512, 768])
 def test_default_initializer_range_follows_the_width(dim):
     """`initializer_range=None` becomes PyTorch's `nn.Linear` scale for `dim` inputs when the config is built; saved and
@@ -353,4 +352,3 @@ def test_a_config_saved_before_the_default_changes_loads_unchanged(tmp_path):
     current = PerceiverLiteConfig(**SAVED_BEFORE_KWARGS)
     assert set(current.to_diff_dict()) >= set(written) - {"dtype"}
     assert current.to_diff_dict()["initializer_range"] == pytest.approx(32 ** -0.5 / 3**0.5)
->>>>>>> defaults
