@@ -293,6 +293,7 @@ def test_config_file_with_an_extra_key_loads_with_a_warning(tmp_path, recwarn):
         assert len([w for w in record if "PerceiverLiteConfig" in str(w.message)]) == 1
         assert getattr(loaded, "config", loaded).dim == 32
 
+
 @pytest.mark.parametrize("dim", [64, 512, 768])
 def test_default_initializer_range_follows_the_width(dim):
     """`initializer_range=None` becomes PyTorch's `nn.Linear` scale for `dim` inputs when the config is built; saved and
