@@ -459,7 +459,7 @@ INVALID = [
     ),
     case(
         "dense_regression_labels_shape", "dense", lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 8)),
-        ValueError, "`labels`", "[3, 3, 8, 8] (regression targets)", problem_type="regression",
+        ValueError, "`labels`", "regression targets of shape [3, 3, 8, 8]", problem_type="regression",
     ),
     case(
         "dense_multi_label_int", "dense",
@@ -468,7 +468,7 @@ INVALID = [
     ),
     case(
         "dense_multi_label_shape", "dense", lambda: dict(pixel_values=pixels(), labels=torch.zeros(BATCH, 8, 8)),
-        ValueError, "`labels`", "[3, 3, 8, 8] (multi-hot floats)", problem_type="multi_label_classification",
+        ValueError, "`labels`", "multi-hot targets of shape [3, 3, 8, 8]", problem_type="multi_label_classification",
     ),
     case(
         "dense_too_large_learned_queries", "dense", lambda: dict(pixel_values=pixels(BATCH, 3, 9, 8)),
