@@ -1,18 +1,19 @@
 """Fast paths of PerceiverLite: exact rewrites of the reference model's math (`modeling_perceiver_lite.py`) that read
 the same weights, with the same results up to rounding and less time and memory where measured.
 
-Where they run. At the start of a forward, `PerceiverLiteModel`, `PerceiverLayer` and `PerceiverLiteDecoder` call
-`fast_plan`, the one place where the fast paths are chosen: it returns None, and the reference runs, unless everything
-the forward involves is on these allow-lists (anything not listed, a new config field or module class included, runs
-the reference):
+Where they run. At the start of a forward, `PerceiverLiteModel`, `PerceiverLayer`, `PerceiverLiteDecoder` and
+`PerceiverLiteForCausalLM` call `fast_plan`, the one place where the fast paths are chosen: it returns None, and the
+reference runs, unless everything the forward involves is on these allow-lists (anything not listed, a new config field
+or module class included, runs the reference):
 
 - config: every field of `PerceiverLiteConfig` has a recorded decision in `CONFIG_DECISIONS` (served, served for some
   values, or irrelevant to the replaced modules); `use_fast_paths=True`; `attn_implementation="sdpa"` (`"eager"` is the
   reference's own math, step by step); equal query/key and value head widths in every attention; `hidden_act` one of
   `SERVED_ACTIVATIONS`;
 - modules: every module of the model is exactly (`type(m) is ...`) one of the package's classes marked
-  `@served_by_fast_paths` or `nn.Linear`, `nn.LayerNorm`, `nn.Dropout`, `nn.ModuleList` or a served activation, with
-  no `forward` of its own instance; projections and norms with their weight and bias, plain `nn.Parameter`s off the
+  `@served_by_fast_paths` or `nn.Linear`, `nn.LayerNorm`, `nn.Dropout`, `nn.ModuleList`, `nn.Embedding` (without the
+  options that change its gradient: `padding_idx`, `max_norm`, `scale_grad_by_freq`, `sparse`) or a served
+  activation, with no `forward` of its own instance; projections and norms with their weight and bias, plain `nn.Parameter`s off the
   meta device, all of one dtype (so not PEFT's LoRA layers, quantised, parametrised or subclassed modules);
 - no hook: no forward or backward hooks on any module (accelerate's offloading hooks included) other than
   transformers' output recorders, no global module hooks; no hidden states or attentions requested; no keyword
@@ -42,6 +43,10 @@ records which of these each layer of the forward runs, and the functions below e
 - **Feed-forward** (`FeedForward`): the module; `RecomputedActivationMLP`, which keeps one `(B, N, ff_dim)` tensor for
   backward instead of two; the activation in place where autograd records nothing.
 - **Gradient checkpointing** (`FastPlan.checkpointing`): each layer through its checkpointing function.
+- **Per-token tables** (`FastPlan.token_tables`, the causal language model). The cross-attentions' keys and values of
+  the context are functions of each position's token alone: `token_key_values` projects the whole vocabulary once and
+  gathers, where the forward's new tokens (batch x length) are at least the vocabulary; not under gradient
+  checkpointing. The rest of the model runs its reference modules.
 """
 
 import dataclasses
@@ -113,7 +118,8 @@ class FastPlan:
     `latent_layer`: the encoder's latent self-attention layers; `factored_inputs`: the encoder's data and Fourier
     positions are projected apart, never concatenated; `padded`: the key padding mask hides some input (else it is
     dropped); `checkpointing`: every layer recomputes its activations in backward; `autocast`: the dtype autocast
-    casts products to, or None."""
+    casts products to, or None; `token_tables`: the causal language model's cross-attentions take the keys and
+    values of the context's tokens from per-token tables (`token_key_values`)."""
 
     cross_layers: tuple[LayerRoute | None, ...]
     latent_layer: LayerRoute | None = None
@@ -121,6 +127,7 @@ class FastPlan:
     padded: bool = False
     checkpointing: bool = False
     autocast: torch.dtype | None = None
+    token_tables: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,7 +178,7 @@ CONFIG_DECISIONS = {
     "cross_ff_dim": SERVED,
     "cross_attention_query_residual": SERVED,
     "input_projection_dim": SERVED,
-    "position_encoding_type": lambda config: config.position_encoding_type in ("fourier", "learned"),
+    "position_encoding_type": SERVED,
     "position_dim": SERVED,
     "concat_positions": SERVED,
     "decoder_dim": SERVED,
@@ -187,8 +194,8 @@ CONFIG_DECISIONS = {
     "latent_initializer_range": IRRELEVANT,
     "gated_feed_forward": SERVED,
     "sparse_prediction": SERVED,
-    "prefix_dropout": IRRELEVANT,  # read by the causal LM alone, which runs the reference
-    "rope_theta": IRRELEVANT,  # likewise
+    "prefix_dropout": SERVED,
+    "rope_theta": SERVED,
 }
 
 
@@ -206,7 +213,7 @@ def _config_served(config) -> bool:
     return all(decision in (SERVED, IRRELEVANT) or (decision is not None and decision(config)) for decision in decisions)
 
 
-SERVED_MODULES = {nn.Linear, nn.LayerNorm, nn.Dropout, nn.ModuleList}
+SERVED_MODULES = {nn.Linear, nn.LayerNorm, nn.Dropout, nn.ModuleList, nn.Embedding}
 
 
 def served_by_fast_paths(module_class: type) -> type:
@@ -271,8 +278,9 @@ def faster_on_cuda(module: nn.Module, dtype: torch.dtype, needs_grad: bool, inpu
     docs/design.md, "Fast paths off the CPU") show them faster than the reference. That is the encoder with inputs as
     large as 32 images of 224 x 224 (`benchmark-cuda-224.md`), in bfloat16, or in float32 without gradients; not
     float32 training (`benchmark-cuda-224.md`: slower), not smaller inputs (`benchmark-cuda.md`, 8 images of 64 x 64:
-    slower in every dtype), not the decoder or `PerceiverLayer` (no GPU row shows them faster)."""
-    if "blocks" not in module._modules or input_elements < CUDA_MIN_INPUT_ELEMENTS:
+    slower in every dtype), not the decoder, `PerceiverLayer` or the causal language model (no GPU row shows them
+    faster)."""
+    if "latents" not in module._parameters or input_elements < CUDA_MIN_INPUT_ELEMENTS:
         return False
     return dtype is torch.bfloat16 or not needs_grad
 
@@ -327,6 +335,8 @@ def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, quer
     dropout = module.training and config.attention_dropout > 0  # drawn by torch's kernels, as in the reference
     own_kernels = device.type in OWN_KERNEL_DEVICES and not dropout
     routes = _Routes(module, own_kernels, dtype != torch.float32, needs_grad, checkpointing)
+    if "lm_head" in module._modules:
+        return routes.causal_lm(inputs, autocast)
     if "blocks" in module._modules:
         return routes.encoder(inputs, attention_mask, embedded, autocast)
     if "layers" in module._modules:
@@ -434,6 +444,19 @@ class _Routes:
         route = self.layer(layer, *queries.shape[:2], context.shape[1], keys_need_grad=keys_need_grad)
         return FastPlan((route,) * len(self.module.layers), checkpointing=self.checkpointing, autocast=autocast)
 
+    def causal_lm(self, input_ids, autocast) -> FastPlan | None:
+        """The causal language model's plan: the cross-attentions' keys and values from per-token tables where the
+        forward's new tokens (batch x length) are at least the vocabulary, so that projecting every token of the
+        vocabulary costs no more than projecting the context (a generation step's one new token runs the reference);
+        not under checkpointing (the reference checkpoints each layer with its inputs), nor where the embedding's
+        options change its gradient (`padding_idx`, `max_norm`, `scale_grad_by_freq`, `sparse`)."""
+        embeddings = self.module.embeddings
+        plain = embeddings.padding_idx is None and embeddings.max_norm is None and not (
+            embeddings.scale_grad_by_freq or embeddings.sparse)  # fmt: skip
+        if self.checkpointing or not plain or input_ids.numel() < embeddings.num_embeddings:
+            return None
+        return FastPlan((), token_tables=True, autocast=autocast)
+
     def decoder(self, queries, latents, autocast) -> FastPlan:
         """The decoder's plan: its queries are normalised and projected once where they are one array for the batch
         (stride 0 along it: learned queries, or the Fourier positions of an unpadded grid)."""
@@ -494,6 +517,32 @@ def perceiver_layer(module, plan: FastPlan, q: torch.Tensor, context: torch.Tens
         key, value = project_inputs(layer.cross_attention, context)
         q = run_layer(layer, plan, route, q, key, value, padding_mask)
     return q
+
+
+def token_key_values(attention, embeddings: nn.Embedding, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values `(B, H, L, D)` of a causal cross-attention to the context `token_ids` `(B, L)`, unrotated.
+    They are `k_proj(kv_norm(E[x]))` and `v_proj(kv_norm(E[x]))`, functions of each position's token alone (the rotary
+    positions turn the keys later), so they are the rows of two `(V, H * D)` tables of the whole vocabulary, gathered:
+    `V` rows of norm and projections instead of `B * L` (2,048 bytes of context against 262 tokens), and in backward
+    the rows' gradients summed per token before the products."""
+    table = embeddings.weight  # (V, E)
+    if attention.kv_norm is not None:
+        table = attention.kv_norm(table)
+    key = nn.functional.embedding(token_ids, attention.k_proj(table))  # (B, L, H * D)
+    value = nn.functional.embedding(token_ids, attention.v_proj(table))  # (B, L, H * D)
+    return split_heads(attention, key), split_heads(attention, value)
+
+
+def causal_cross_layer(layer, hidden_states, key, value, attention_mask, rotary, cache_update) -> torch.Tensor:
+    """`PerceiverLiteCausalLayer.forward` of a cross-attend layer, to the projected `key` and `value` of
+    `token_key_values`: the same sublayers, with `PerceiverLiteAttention.attend` after the projections."""
+    attention = layer.cross_attention
+
+    def attend(queries):
+        return attention.attend(queries, key, value, attention_mask, cache_update, rotary)
+
+    hidden_states = layer.sublayer(layer.cross_attention_norm, attend, hidden_states, residual=layer.query_residual)
+    return hidden_states if layer.mlp is None else layer.sublayer(layer.mlp_norm, layer.mlp, hidden_states)
 
 
 def run_layer(layer, plan: FastPlan, route: LayerRoute, hidden_states, key=None, value=None, padding_mask=None):

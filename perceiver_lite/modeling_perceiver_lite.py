@@ -35,7 +35,15 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
-from .fast_perceiver_lite import decode, encode, fast_plan, perceiver_layer, served_by_fast_paths
+from .fast_perceiver_lite import (
+    causal_cross_layer,
+    decode,
+    encode,
+    fast_plan,
+    perceiver_layer,
+    served_by_fast_paths,
+    token_key_values,
+)
 from .validation_perceiver_lite import (
     check_grid,
     check_labels,
@@ -269,12 +277,26 @@ class PerceiverLiteAttention(nn.Module):
             key_value_states = hidden_states
         elif self.kv_norm is not None:
             key_value_states = self.kv_norm(key_value_states)
-        query_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         key_shape = (*key_value_states.shape[:-1], -1, self.head_dim)
         value_shape = (*key_value_states.shape[:-1], -1, self.v_head_dim)
-        query = self.q_proj(hidden_states).view(query_shape).transpose(1, 2)  # (B, H, Lq, D)
         key = self.k_proj(key_value_states).view(key_shape).transpose(1, 2)  # (B, H, Lk, D)
         value = self.v_proj(key_value_states).view(value_shape).transpose(1, 2)  # (B, H, Lk, Dv)
+        return self.attend(hidden_states, key, value, attention_mask, cache_update, rotary, **kwargs)
+
+    def attend(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache_update=None,
+        rotary: tuple | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention of `hidden_states`' queries to the projected `key` `(B, H, Lk, D)` and `value`
+        `(B, H, Lk, Dv)`: the forward after the key and value projections."""
+        query_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(query_shape).transpose(1, 2)  # (B, H, Lq, D)
         if cache_update is not None:
             key, value = cache_update(key, value)  # (B, H, cached + Lk, D)
         if rotary is not None:
@@ -1371,6 +1393,7 @@ class PerceiverLiteCausalLMCache(Cache):
         self.token_embeddings = self.token_embeddings[indices]
 
 
+@served_by_fast_paths
 class PerceiverLiteCausalLayer(PerceiverLiteLayer):
     """A Perceiver AR layer: causal cross-attention from the latents to the context (`cross_attention=True`) or causal
     latent self-attention, then the feed-forward; the `PerceiverLiteLayer` residual sublayers, with the causal mask,
@@ -1387,6 +1410,7 @@ class PerceiverLiteCausalLayer(PerceiverLiteLayer):
         return hidden_states if self.mlp is None else self.sublayer(self.mlp_norm, self.mlp, hidden_states)
 
 
+@served_by_fast_paths
 class PerceiverLiteCausalBlock(nn.Module):
     """A causal cross-attend to the context (where `cross_attend`), then `num_self_attention_layers` causal latent
     self-attention layers. Running a block again (a repeated index in `layers_indice`) shares its weights."""
@@ -1399,6 +1423,7 @@ class PerceiverLiteCausalBlock(nn.Module):
         self.layers = nn.ModuleList(PerceiverLiteCausalLayer(config) for _ in range(num_self_attention_layers))
 
 
+@served_by_fast_paths
 class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     r"""
     Perceiver AR (Hawthorne et al., 2022, "General-purpose, long-context autoregressive modeling with Perceiver AR"):
@@ -1451,6 +1476,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     be stale; the latent stack is then recomputed for the `N` latents from the cached cross-attention keys and values
     (one new position's projections per step). Past `C` tokens, the context window's start moves too. The result
     equals a full forward on the last `C` tokens at every step.
+
+    Fast path (`use_fast_paths`, `fast_plan`): the context's cross-attention keys and values are functions of each
+    position's token alone, so where a forward's new tokens (batch x length) are at least the vocabulary, the
+    cross-attentions gather them from per-token tables of the whole vocabulary (`token_key_values`) instead of
+    projecting every position.
     """
 
     main_input_name = "input_ids"
@@ -1540,7 +1570,8 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         cache = self._check_causal_inputs(input_ids, attention_mask, labels, cache if use_cache else None)
         if use_cache and cache is None:
             cache = PerceiverLiteCausalLMCache(self.config)
-        hidden_states = self._latents(input_ids, attention_mask, cache)
+        plan = fast_plan(self, input_ids, kwargs=kwargs)
+        hidden_states = self._latents(input_ids, attention_mask, cache, plan)
         hidden_states = hidden_states[:, -min(input_ids.shape[1], hidden_states.shape[1]):]  # (B, K, dim)
         hidden_states = self.norm(hidden_states)
         if self.lm_proj is not None:
@@ -1551,9 +1582,10 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels[:, -logits.shape[1] :], vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def _latents(self, input_ids, attention_mask, cache) -> torch.Tensor:
+    def _latents(self, input_ids, attention_mask, cache, plan=None) -> torch.Tensor:
         """The final latents `(B, Q, dim)` of the last `Q` positions: the new tokens while a cache's latent window
-        grows, else the whole latent window. Updates `cache`."""
+        grows, else the whole latent window. Updates `cache`. With a fast `plan` (`fast_plan`), the cross-attentions
+        take the context's keys and values from per-token tables (`token_key_values`)."""
         config = self.config
         past = 0 if cache is None else cache.seen_tokens
         total = past + input_ids.shape[1]
@@ -1567,9 +1599,13 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         query_positions = torch.arange(window - num_queries, window, device=device)[None]  # (1, Q)
         key_positions = torch.arange(window, device=device)[None]  # (1, W)
         valid = None if attention_mask is None else attention_mask[:, -window:].bool()  # (B, W)
-        context = embeds
+        context, context_ids = embeds, input_ids
         if self.training and cache is None and config.prefix_dropout > 0:
-            context, key_positions, valid = self._drop_prefix(embeds, valid, window - num_latents)
+            key_positions = self._kept_positions(*input_ids.shape, window - num_latents, device)  # (B or 1, W')
+            if key_positions.shape[1] < input_ids.shape[1]:  # a prefix dropped per sample
+                context_ids = input_ids.gather(1, key_positions)  # (B, W')
+                context = embeds.gather(1, key_positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
+                valid = None if valid is None else valid.gather(1, key_positions)
         latent_keys = key_positions if growing else query_positions  # the self-attention's keys: every latent so far
         latent_valid = valid if growing or valid is None else valid[:, -num_queries:]
         cross_mask = causal_key_mask(query_positions, key_positions, valid)  # (B or 1, 1, Q, W)
@@ -1597,8 +1633,15 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             block = self.blocks[block_index]
             if block.cross_layer is not None:
                 update = None if cache is None else self._context_update(cache, block_index, window, context_states)
-                rotary_angles = rotary("cross", block.cross_layer.cross_attention)
-                hidden_states = block.cross_layer(hidden_states, context, cross_mask, rotary_angles, update)
+                attention = block.cross_layer.cross_attention
+                rotary_angles = rotary("cross", attention)
+                if plan is None:
+                    hidden_states = block.cross_layer(hidden_states, context, cross_mask, rotary_angles, update)
+                else:
+                    key, value = token_key_values(attention, self.embeddings, context_ids)  # (B, H, W, D) each
+                    hidden_states = causal_cross_layer(
+                        block.cross_layer, hidden_states, key, value, cross_mask, rotary_angles, update
+                    )
             for layer in block.layers:
                 update = cache.latent_update(latent_layer) if growing else None
                 rotary_angles = rotary("latent", layer.self_attention)
@@ -1622,19 +1665,17 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
 
         return update
 
-    def _drop_prefix(self, embeds, valid, prefix_length: int):
-        """Prefix dropout (training): each sample keeps a random `1 - prefix_dropout` of its prefix positions, in
-        order, and all its latent positions. `(context (B, W', E), key positions (B, W'), valid (B, W') or None)`."""
-        batch_size, length = embeds.shape[:2]
+    def _kept_positions(self, batch_size: int, length: int, prefix_length: int, device) -> torch.Tensor:
+        """Prefix dropout (training): the context positions each sample keeps, `(B, W')`, a random
+        `1 - prefix_dropout` of its prefix positions in order and all its latent positions; `(1, length)`, every
+        position, where that drops none."""
         keep = prefix_length - int(prefix_length * self.config.prefix_dropout)
         if keep == prefix_length:
-            return embeds, torch.arange(length, device=embeds.device)[None], valid
-        scores = torch.rand(batch_size, prefix_length, device=embeds.device)
+            return torch.arange(length, device=device)[None]
+        scores = torch.rand(batch_size, prefix_length, device=device)
         kept = scores.argsort(dim=1)[:, :keep].sort(dim=1).values  # (B, keep)
-        latents = torch.arange(prefix_length, length, device=embeds.device).expand(batch_size, -1)  # (B, N)
-        positions = torch.cat([kept, latents], dim=1)  # (B, W')
-        context = embeds.gather(1, positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
-        return context, positions, None if valid is None else valid.gather(1, positions)
+        latents = torch.arange(prefix_length, length, device=device).expand(batch_size, -1)  # (B, N)
+        return torch.cat([kept, latents], dim=1)  # (B, W')
 
     def _check_causal_inputs(self, input_ids, attention_mask, labels, cache):
         """Inputs, mask, labels and cache, before any compute; returns the cache to use (None for an empty foreign

@@ -13,7 +13,13 @@ from conftest import PerceiverLiteModelTester, count_reference_attention
 from torch import nn
 from transformers.activations import ACT2FN
 
-from perceiver_lite import PerceiverLayer, PerceiverLiteConfig, PerceiverLiteForMaskedLM, PerceiverLiteModel
+from perceiver_lite import (
+    PerceiverLayer,
+    PerceiverLiteConfig,
+    PerceiverLiteForCausalLM,
+    PerceiverLiteForMaskedLM,
+    PerceiverLiteModel,
+)
 from perceiver_lite import fast_perceiver_lite as fast
 from perceiver_lite import modeling_perceiver_lite as modeling
 from perceiver_lite.modeling_perceiver_lite import (
@@ -1043,3 +1049,112 @@ def test_heads_with_encoder_options_agree_with_the_reference(kind, option):
         else:
             alone = model(inputs["input_ids"][1:2, :6]).logits
             torch.testing.assert_close(fast_run[0][1:2, :6], alone, rtol=0, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The causal language model: keys and values of the context from per-token tables
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def causal_lm(**overrides) -> PerceiverLiteForCausalLM:
+    """A tiny Perceiver AR, float32: context 24, latent window 8, vocabulary 40 (fewer than a batch's tokens, so the
+    tables serve), block 1 cross-attending twice with shared weights, widths 16 (embeddings) and 24 (latents)."""
+    fields = dict(
+        data_shape=[16, 24], num_latent_tokens=8, dim=24, heads=2, cross_heads=2, layers_indice=[0, 1, 1],
+        num_latent_transformers_in_layers=[1, 1], position_encoding_type="rotary", vocab_size=40,
+        initializer_range=0.2, **overrides,
+    )  # fmt: skip
+    return PerceiverLiteForCausalLM(PerceiverLiteConfig(**fields))
+
+
+def causal_ids(batch_size=3, length=24) -> torch.Tensor:
+    return torch.randint(0, 40, (batch_size, length), generator=torch.Generator().manual_seed(1))
+
+
+def causal_forward_and_gradients(model, input_ids, attention_mask=None, autocast_dtype=None):
+    """The logits (float32) and the parameters' gradients of the loss, the random draws (dropout, prefix dropout)
+    seeded alike for every call."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        output = model(input_ids, attention_mask=attention_mask, labels=input_ids)
+    output.loss.backward()
+    return output.logits.float(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("case", ["float32", "left-padded", "prefix-dropout", "dropout", "bfloat16-autocast", "eval"])
+def test_causal_lm_token_tables_equal_the_reference(case, monkeypatch):
+    """The token-table keys and values give the reference's logits and gradients (the tied embedding's included):
+    training and evaluation, left padding, prefix dropout and attention and feed-forward dropout (the same random
+    draws), bfloat16 autocast; the cross-attentions' reference forward never runs."""
+    overrides = {
+        "prefix-dropout": dict(prefix_dropout=0.5),
+        "dropout": dict(attention_dropout=0.2, ff_dropout=0.2),
+    }.get(case, {})
+    model = causal_lm(**overrides).train(case != "eval")
+    input_ids, mask = causal_ids(), None
+    if case == "left-padded":
+        mask = torch.ones_like(input_ids)
+        mask[0, :5] = 0
+    autocast_dtype = torch.bfloat16 if case == "bfloat16-autocast" else None
+    plan = fast.fast_plan(model, input_ids)
+    assert plan is not None and plan.token_tables
+    calls = count_reference_attention(monkeypatch)
+    fast_logits, fast_grads = causal_forward_and_gradients(model, input_ids, mask, autocast_dtype)
+    latent_layers = 3  # self-attention layers run: block 0's one, block 1's one twice
+    assert len(calls) == latent_layers
+    model.config.use_fast_paths = False
+    logits, grads = causal_forward_and_gradients(model, input_ids, mask, autocast_dtype)
+    assert len(calls) == 2 * latent_layers + 3  # and the three cross-attends
+    tolerance = dict(rtol=0.05, atol=0.05) if autocast_dtype else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast_logits, logits, **tolerance)
+    assert_close_gradients(fast_grads, grads, **tolerance)
+
+
+def test_causal_lm_generation_with_token_tables_equals_the_reference():
+    """Greedy generation past the context (float32): the prompt's forward through the tables, then the cached steps,
+    give the reference's tokens."""
+    model = causal_lm().eval()
+    prompt = causal_ids(length=20)
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    tokens = model.generate(prompt, **kwargs)
+    model.config.use_fast_paths = False
+    assert torch.equal(tokens, model.generate(prompt, **kwargs))
+
+
+def causal_lm_watched(model, case: str):
+    """`model` changed as a user's tool would for `case`, where the tables must step aside."""
+    attention = model.blocks[1].cross_layer.cross_attention
+    if case == "lora-like-key-projection":
+        attention.k_proj = LoraLikeLinear(attention.k_proj)
+    elif case == "embedding-padding-idx":
+        embeddings = nn.Embedding(40, 16, padding_idx=0)
+        embeddings.weight.data.copy_(model.embeddings.weight.data)
+        model.set_input_embeddings(embeddings)
+        model.lm_head.weight = embeddings.weight
+    elif case == "checkpointing":
+        model.activation_checkpointing_enable()
+    elif case == "eager":
+        model.set_attn_implementation("eager")
+    elif case == "forward-hook":
+        attention.kv_norm.register_forward_hook(lambda module, args, output: output * 2)
+    return model
+
+
+@pytest.mark.parametrize(
+    "case", ["few-tokens", "lora-like-key-projection", "embedding-padding-idx", "checkpointing", "eager", "forward-hook"]
+)
+def test_causal_lm_token_tables_step_aside(case, monkeypatch):
+    """Fewer new tokens than the vocabulary (a generation step), a wrapped projection, an embedding whose gradient its
+    options change, gradient checkpointing, eager attention or a hook: the reference runs, with the changed modules."""
+    model = causal_lm_watched(causal_lm().train(), case)
+    input_ids = causal_ids(batch_size=1, length=20) if case == "few-tokens" else causal_ids()
+    reference = copy.deepcopy(model)
+    reference.config.use_fast_paths = False
+    assert fast.fast_plan(model, input_ids) is None
+    calls = count_reference_attention(monkeypatch)
+    logits, grads = causal_forward_and_gradients(model, input_ids)
+    assert len(calls) == 6 * (2 if case == "checkpointing" else 1)
+    expected_logits, expected_grads = causal_forward_and_gradients(reference, input_ids)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+    assert_close_gradients(grads, expected_grads, rtol=0, atol=0)
