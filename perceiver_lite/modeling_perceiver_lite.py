@@ -1342,6 +1342,10 @@ class PerceiverLiteCausalLMCache(Cache):
       full, when each step moves the oldest latent into the prefix and the full forward's latents no longer see it;
     - `token_embeddings` `(B, <= num_latent_tokens, data_shape[0])`: the token embeddings of the last latent-window
       positions, the latents' starting states when the latent stack is recomputed;
+    - `cross_states` `(B, <= num_latent_tokens, dim)`: the first cross-attend layer's outputs of those positions, while
+      the context window still starts at the first token (at most `data_shape[1]` tokens seen): a latent's first
+      cross-attend reads only its own token and the context before it, so it does not change when later tokens come;
+      None once the window slides;
     - `seen_tokens`: the number of tokens processed, `get_seq_length()`.
 
     Beam search reorders it (`reorder_cache`); `batch_repeat_interleave` and `batch_select_indices` act on every part.
@@ -1353,7 +1357,9 @@ class PerceiverLiteCausalLMCache(Cache):
         num_latent_layers = sum(config.num_latent_transformers_in_layers[block] for block in config.layers_indice)
         super().__init__(layers=[DynamicLayer() for _ in range(len(self.context_blocks) + num_latent_layers)])
         self.context_window = config.data_shape[1]
+        self.latent_window = config.num_latent_tokens
         self.token_embeddings: torch.Tensor | None = None
+        self.cross_states: torch.Tensor | None = None
         self.seen_tokens = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -1375,22 +1381,45 @@ class PerceiverLiteCausalLMCache(Cache):
         """The `cache_update` of the `index`-th latent self-attention layer run: appends the new latents."""
         return self.layers[len(self.context_blocks) + index].update
 
+    def reusable_cross_states(self, total: int, num_queries: int, num_new: int) -> int:
+        """How many of a forward's `num_queries` latents (the last positions of `total` tokens, `num_new` of them new)
+        can take their first cross-attend's output from `cross_states`: those before the new tokens, while the
+        context window starts at the first token."""
+        if self.cross_states is None or total > self.context_window:
+            return 0
+        return num_queries - min(num_new, num_queries)
+
+    def keep_cross_states(self, states: torch.Tensor, total: int):
+        """Appends the first cross-attend's outputs `states` `(B, new, dim)` of the newest positions, keeping the
+        latent window's; forgets them once the context window slides past the first token (`total` tokens seen)."""
+        if total > self.context_window:
+            self.cross_states = None
+            return
+        states = states if self.cross_states is None else torch.cat([self.cross_states, states], dim=1)
+        self.cross_states = states[:, -self.latent_window :]  # (B, <= N, dim)
+
     def drop_latent_states(self):
         """Frees the latents' self-attention keys and values (stale once the latent window is full)."""
         for index in range(len(self.context_blocks), len(self.layers)):
             self.layers[index] = DynamicLayer()
 
+    def _per_sequence(self, select):
+        """Applies `select` to the per-sequence tensors beside the layers (`token_embeddings`, `cross_states`)."""
+        self.token_embeddings = select(self.token_embeddings)
+        if self.cross_states is not None:
+            self.cross_states = select(self.cross_states)
+
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        self.token_embeddings = self.token_embeddings.index_select(0, beam_idx.to(self.token_embeddings.device))
+        self._per_sequence(lambda states: states.index_select(0, beam_idx.to(states.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        self.token_embeddings = self.token_embeddings.repeat_interleave(repeats, dim=0)
+        self._per_sequence(lambda states: states.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        self.token_embeddings = self.token_embeddings[indices]
+        self._per_sequence(lambda states: states[indices])
 
 
 @served_by_fast_paths
@@ -1474,8 +1503,10 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     the new token alone and appends to the latents' self-attention keys and values too. Once it is full, each step
     moves the oldest latent into the prefix: the remaining latents no longer attend to it, so their cached states would
     be stale; the latent stack is then recomputed for the `N` latents from the cached cross-attention keys and values
-    (one new position's projections per step). Past `C` tokens, the context window's start moves too. The result
-    equals a full forward on the last `C` tokens at every step.
+    (one new position's projections per step). The first cross-attend's outputs of the latents do not change while the
+    context window starts at the first token, so the cache keeps them and a step runs that cross-attend for the new
+    token alone. Past `C` tokens, the context window's start moves too, and every latent's cross-attends run. The
+    result equals a full forward on the last `C` tokens at every step.
 
     Fast path (`use_fast_paths`, `fast_plan`): the context's cross-attention keys and values are functions of each
     position's token alone, so where a forward's new tokens (batch x length) are at least the vocabulary, the
@@ -1587,11 +1618,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         grows, else the whole latent window. Updates `cache`. With a fast `plan` (`fast_plan`), the cross-attentions
         take the context's keys and values from per-token tables (`token_key_values`)."""
         config = self.config
-        past = 0 if cache is None else cache.seen_tokens
-        total = past + input_ids.shape[1]
+        past, length = 0 if cache is None else cache.seen_tokens, input_ids.shape[1]
+        total = past + length
         window, num_latents = min(total, config.data_shape[1]), min(total, config.num_latent_tokens)
         growing = cache is not None and total <= config.num_latent_tokens  # no latent has left the window yet
-        num_queries = input_ids.shape[1] if growing else num_latents
+        num_queries = length if growing else num_latents
         embeds = self.embeddings(input_ids)  # (B, T, E)
         recent = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
         recent = recent[:, -config.num_latent_tokens :]  # (B, <= N, E)
@@ -1602,7 +1633,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         context, context_ids = embeds, input_ids
         if self.training and cache is None and config.prefix_dropout > 0:
             key_positions = self._kept_positions(*input_ids.shape, window - num_latents, device)  # (B or 1, W')
-            if key_positions.shape[1] < input_ids.shape[1]:  # a prefix dropped per sample
+            if key_positions.shape[1] < length:  # a prefix dropped per sample
                 context_ids = input_ids.gather(1, key_positions)  # (B, W')
                 context = embeds.gather(1, key_positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
                 valid = None if valid is None else valid.gather(1, key_positions)
@@ -1629,19 +1660,21 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if self.latent_proj is not None:
             hidden_states = self.latent_proj(hidden_states)  # (B, Q, dim)
         context_states, latent_layer = {}, 0
-        for block_index in config.layers_indice:
+        for step, block_index in enumerate(config.layers_indice):
             block = self.blocks[block_index]
             if block.cross_layer is not None:
                 update = None if cache is None else self._context_update(cache, block_index, window, context_states)
-                attention = block.cross_layer.cross_attention
-                rotary_angles = rotary("cross", attention)
-                if plan is None:
-                    hidden_states = block.cross_layer(hidden_states, context, cross_mask, rotary_angles, update)
-                else:
-                    key, value = token_key_values(attention, self.embeddings, context_ids)  # (B, H, W, D) each
-                    hidden_states = causal_cross_layer(
-                        block.cross_layer, hidden_states, key, value, cross_mask, rotary_angles, update
-                    )
+                # the first cross-attend of the latents before the new tokens: from the cache where it holds them
+                reused = 0 if cache is None or step > 0 else cache.reusable_cross_states(total, num_queries, length)
+                (query_cos, query_sin), key_angles = rotary("cross", block.cross_layer.cross_attention)
+                rotary_angles = (query_cos[..., reused:, :], query_sin[..., reused:, :]), key_angles
+                fresh = self._cross_attend(
+                    block.cross_layer, hidden_states[:, reused:], context, context_ids, cross_mask[..., reused:, :],
+                    rotary_angles, update, plan,
+                )  # (B, Q - reused, dim)
+                hidden_states = fresh if reused == 0 else torch.cat([cache.cross_states[:, -reused:], fresh], dim=1)
+                if cache is not None and step == 0:
+                    cache.keep_cross_states(fresh, total)
             for layer in block.layers:
                 update = cache.latent_update(latent_layer) if growing else None
                 rotary_angles = rotary("latent", layer.self_attention)
@@ -1650,6 +1683,14 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if cache is not None:
             cache.seen_tokens, cache.token_embeddings = total, recent
         return hidden_states
+
+    def _cross_attend(self, layer, hidden_states, context, context_ids, mask, rotary_angles, update, plan):
+        """A causal cross-attend layer of the latents `hidden_states` to the `context` (its token embeddings, of the
+        tokens `context_ids`); with a fast `plan`, to keys and values from per-token tables (`token_key_values`)."""
+        if plan is None:
+            return layer(hidden_states, context, mask, rotary_angles, update)
+        key, value = token_key_values(layer.cross_attention, self.embeddings, context_ids)  # (B, H, W, D) each
+        return causal_cross_layer(layer, hidden_states, key, value, mask, rotary_angles, update)
 
     @staticmethod
     def _context_update(cache, block_index, window, context_states):

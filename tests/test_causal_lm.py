@@ -263,8 +263,12 @@ def test_left_padded_batch_generates_as_each_prompt_alone(kind):
 
 def test_cache_slides_with_the_windows():
     """The cache holds the context's keys/values of the last min(seen, 12) positions, the latents' only while the latent
-    window grows, and the last 4 token embeddings; an empty transformers cache is replaced by it."""
+    window grows, the last 4 token embeddings, and their first cross-attend's outputs while the context starts at the
+    first token (then the first cross-attend runs for the new token alone); an empty transformers cache is replaced by
+    it."""
     model = tiny_model()
+    first_cross_attend_rows = []
+    model.blocks[0].cross_layer.register_forward_pre_hook(lambda module, args: first_cross_attend_rows.append(args[0].shape[1]))
     ids = random_ids(2, 3)
     outputs = model(ids, cache=DynamicCache(), use_cache=True)
     cache = outputs.cache
@@ -278,6 +282,10 @@ def test_cache_slides_with_the_windows():
         outputs = model(next_id, cache=cache, use_cache=True)
         assert outputs.logits.shape == (2, 1, VOCAB_SIZE)
         assert cache.get_seq_length() == seen and cache.token_embeddings.shape[1] == min(seen, LATENTS)
+        if seen <= CONTEXT:
+            assert first_cross_attend_rows[-1] == 1 and cache.cross_states.shape == (2, min(seen, LATENTS), 24)
+        else:
+            assert first_cross_attend_rows[-1] == LATENTS and cache.cross_states is None
     assert all(layer.get_seq_length() == 0 for layer in cache.layers[2:])
 
 
