@@ -473,6 +473,7 @@ class PerceiverLayer(nn.Module):
             attention_dropout=dropout,
             ff_dropout=ff_dropout,
             ff_dim_scale=ff_mult,
+            gated_feed_forward=False,  # the seed's layer: a plain feed-forward of `ff_mult * dim` units
             layers_indice=[0],
             num_latent_transformers_in_layers=[depth],
         )

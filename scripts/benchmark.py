@@ -179,6 +179,7 @@ def build_ours(setup: Setup, attn_implementation="sdpa", gradient_checkpointing=
         resolution=224,
         frequency_base=None,
         ff_dim_scale=setup.ff_scale,
+        gated_feed_forward=False,  # the plain feed-forward of the published runs
         num_labels=NUM_LABELS,
     )
     model = PerceiverLiteForImageClassification(config)
@@ -250,6 +251,7 @@ def build_ours_masked_lm(setup: MaskedLMSetup):
         cross_qk_channels=setup.qk_channels,
         cross_v_channels=setup.dim,
         ff_dim_scale=setup.ff_scale,
+        gated_feed_forward=False,  # the plain feed-forward of the published runs
         position_encoding_type="learned",
         concat_positions=False,
         decoder_dim=setup.d_model,
@@ -324,6 +326,7 @@ def build_ours_causal_lm(setup: CausalLMSetup):
         layers_indice=[0],
         num_latent_transformers_in_layers=[setup.self_attends],
         ff_dim_scale=setup.ff_scale,
+        gated_feed_forward=False,  # the plain feed-forward of the published runs
         position_encoding_type="rotary",
         vocab_size=setup.vocab_size,
     )

@@ -108,7 +108,8 @@ def main():
     row("shared-query cross-attend", (backward(shared_query), shared_query), (backward(materialized), materialized),
         "materialised keys, fused kernel")  # fmt: skip
 
-    mlp = PerceiverLiteMLP(PerceiverLiteConfig(dim=256, ff_dim=1536, heads=8, data_shape=[3, 64, 64], resolution=64))
+    mlp = PerceiverLiteMLP(PerceiverLiteConfig(dim=256, ff_dim=1536, heads=8, data_shape=[3, 64, 64], resolution=64,
+                                             gated_feed_forward=False))
     hidden_states = torch.randn(8, 256, 256, generator=generator, requires_grad=True)
     parameters = (mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
     recomputed_mlp = lambda: fast.RecomputedActivationMLP.apply(mlp.activate, None, hidden_states, *parameters)  # noqa: E731

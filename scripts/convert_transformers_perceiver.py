@@ -233,6 +233,7 @@ def encoder_fields(model: nn.Module) -> dict:
         "v_channels": v_channels,
         "ff_dim": latent_layer.mlp.dense1.out_features,
         "pre_norm": True,
+        "gated_feed_forward": False,  # transformers' MLP: dense1, activation, dense2
         "layer_norm_eps": cross.layernorm.eps,
         "hidden_act": model.config.hidden_act,
         "attention_dropout": model.config.attention_probs_dropout_prob,

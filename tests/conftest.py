@@ -136,6 +136,9 @@ class PerceiverLiteModelTester:
             # config's width-dependent defaults have their own tests
             initializer_range=0.02,
             latent_initializer_range=None,
+            # the plain feed-forward, `fc1` / activation / `fc2`, that the hand computations write out; the gated
+            # default and its fast paths have their own tests (`gated_feed_forward=True`)
+            gated_feed_forward=False,
         )
         return PerceiverLiteConfig(**{**kwargs, **self.config_kwargs, **overrides})
 

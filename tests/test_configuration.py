@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig
 
 from perceiver_lite import PerceiverLiteConfig, PerceiverLiteModel
-from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer
+from perceiver_lite.modeling_perceiver_lite import PerceiverLiteLayer, PerceiverLiteMLP
 
 
 # The seed README's usage example, verbatim but for `Perceiver(` -> `PerceiverLiteConfig(`.
@@ -81,7 +81,8 @@ def test_seed_readme_model_structure():
         assert cross.k_proj.in_features == 259 and cross.q_proj.in_features == 512
         self_attention = block.layers[0].self_attention
         assert (self_attention.num_heads, self_attention.head_dim) == (16, 32)
-        assert block.layers[0].mlp.fc1.out_features == 4 * 512
+        mlp = block.layers[0].mlp  # ff_dim_scale=4: 4 x 512 hidden units, gated by default (values and gates)
+        assert mlp.fc2.in_features == 4 * 512 and mlp.fc1.out_features == 2 * 4 * 512
     # 8 cross-attends and 8 x 6 self-attention layers run, from 2 + 12 distinct layer modules
     assert sum(1 + len(step.layers) for step in steps) == 8 + 48
     assert sum(isinstance(module, PerceiverLiteLayer) for module in model.modules()) == 14
@@ -345,6 +346,8 @@ def test_a_config_saved_before_the_default_changes_loads_unchanged(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(SAVED_BEFORE))
     config = PerceiverLiteConfig.from_pretrained(tmp_path)
     assert (config.initializer_range, config.latent_initializer_range, config.gated_feed_forward) == (0.02, None, False)
+    mlp = PerceiverLiteMLP(config)  # the plain feed-forward it was saved with, under today's gated default
+    assert not mlp.gated and mlp.fc1.out_features == mlp.fc2.in_features
     written = {k: v for k, v in SAVED_BEFORE.items() if k not in ("architectures", "auto_map", "transformers_version")}
     loaded = json.loads(config.to_json_string(use_diff=False))
     for name, value in written.items():
