@@ -1661,6 +1661,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if self.latent_proj is not None:
             hidden_states = self.latent_proj(hidden_states)  # (B, Q, dim)
         context_states, latent_layer = {}, 0
+        table_key_values = None if plan is None else {}  # per cross-attend layer: a repeated block reads them again
         for step, block_index in enumerate(config.layers_indice):
             block = self.blocks[block_index]
             if block.cross_layer is not None:
@@ -1671,7 +1672,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 rotary_angles = (query_cos[..., reused:, :], query_sin[..., reused:, :]), key_angles
                 fresh = self._cross_attend(
                     block.cross_layer, hidden_states[:, reused:], context, context_ids, cross_mask[..., reused:, :],
-                    rotary_angles, update, plan,
+                    rotary_angles, update, table_key_values,
                 )  # (B, Q - reused, dim)
                 hidden_states = fresh if reused == 0 else torch.cat([cache.cross_states[:, -reused:], fresh], dim=1)
                 if cache is not None and step == 0:
@@ -1685,12 +1686,15 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             cache.seen_tokens, cache.token_embeddings = total, recent
         return hidden_states
 
-    def _cross_attend(self, layer, hidden_states, context, context_ids, mask, rotary_angles, update, plan):
+    def _cross_attend(self, layer, hidden_states, context, context_ids, mask, rotary_angles, update, table_key_values):
         """A causal cross-attend layer of the latents `hidden_states` to the `context` (its token embeddings, of the
-        tokens `context_ids`); with a fast `plan`, to keys and values from per-token tables (`token_key_values`)."""
-        if plan is None:
+        tokens `context_ids`); under a fast plan (`table_key_values` a dict, None otherwise), to keys and values from
+        per-token tables (`token_key_values`), computed once per layer and forward and kept in `table_key_values`."""
+        if table_key_values is None:
             return layer(hidden_states, context, mask, rotary_angles, update)
-        key, value = token_key_values(layer.cross_attention, self.embeddings, context_ids)  # (B, H, W, D) each
+        if layer not in table_key_values:
+            table_key_values[layer] = token_key_values(layer.cross_attention, self.embeddings, context_ids)
+        key, value = table_key_values[layer]  # (B, H, W, D) each
         return causal_cross_layer(layer, hidden_states, key, value, mask, rotary_angles, update)
 
     @staticmethod
