@@ -1350,7 +1350,11 @@ class PerceiverLiteCausalLMCache(Cache):
     - `seen_tokens`: the number of tokens processed, `get_seq_length()`.
 
     Beam search reorders it (`reorder_cache`); `batch_repeat_interleave` and `batch_select_indices` act on every part.
+    The model makes one itself where `generate` or `use_cache=True` needs it; `PerceiverLiteSlidingCausalLMCache` is
+    the approximate variant a user passes to trade exactness for speed.
     """
+
+    slides_latent_states = False  # the latents' keys and values are dropped once the latent window is full
 
     def __init__(self, config: PerceiverLiteConfig):
         self.context_blocks = [block for block in range(len(config.num_latent_transformers_in_layers))
@@ -1379,8 +1383,21 @@ class PerceiverLiteCausalLMCache(Cache):
         return update
 
     def latent_update(self, index: int):
-        """The `cache_update` of the `index`-th latent self-attention layer run: appends the new latents."""
-        return self.layers[len(self.context_blocks) + index].update
+        """The `cache_update` of the `index`-th latent self-attention layer run: appends the new latents' keys and
+        values and keeps the last `num_latent_tokens` (the latent window)."""
+        layer = self.layers[len(self.context_blocks) + index]
+
+        def update(key, value):
+            key, value = layer.update(key, value)  # (B, H, kept + new, D)
+            layer.keys, layer.values = key[:, :, -self.latent_window :], value[:, :, -self.latent_window :]
+            return layer.keys, layer.values
+
+        return update
+
+    def cached_latents(self) -> int:
+        """The number of latents whose self-attention keys and values the cache holds."""
+        latent_layers = self.layers[len(self.context_blocks) :]
+        return latent_layers[0].get_seq_length() if latent_layers else 0
 
     def reusable_cross_states(self, total: int, num_queries: int, num_new: int) -> int:
         """How many of a forward's `num_queries` latents (the last positions of `total` tokens, `num_new` of them new)
@@ -1421,6 +1438,34 @@ class PerceiverLiteCausalLMCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
         self._per_sequence(lambda states: states[indices])
+
+
+class PerceiverLiteSlidingCausalLMCache(PerceiverLiteCausalLMCache):
+    r"""
+    An approximate cache of `PerceiverLiteForCausalLM`: once the latent window is full, it keeps sliding the latents'
+    self-attention keys and values (the last `num_latent_tokens` positions) instead of recomputing the latent stack, so
+    that a generation step runs the new token alone through every layer, whatever the window sizes (as the cache of
+    krasserm's perceiver-io). Opt in by passing it:
+
+    ```python
+    >>> tokens = model.generate(**inputs, max_new_tokens=200, cache=PerceiverLiteSlidingCausalLMCache(model.config))
+    ```
+
+    What differs from a full forward: a latent's keys and values are those computed when its position was the newest,
+    so they were computed from latents that have since moved into the prefix (and a latent's first cross-attend from
+    the context window of that time), which the full forward's latents no longer see. The predictions then differ
+    from the exact cache's once more than `num_latent_tokens` tokens have been seen; up to there, and for the first
+    forward over a prompt of any length, they are the same. The cross-attention's keys and values are exact: they
+    depend on each position's token alone, and the rotary positions make the products depend only on the positions'
+    differences. Every position past the prompt is then computed once, as in a transformer whose latent self-attention
+    sees the last `num_latent_tokens` positions and whose cross-attention sees the last `data_shape[1]`.
+    `scripts/benchmark_learning.py --text` reports the bits per byte of both caches on the validation text.
+    """
+
+    slides_latent_states = True
+
+    def keep_cross_states(self, states: torch.Tensor, total: int):
+        """Nothing to keep: the latent stack is never recomputed for older latents."""
 
 
 @served_by_fast_paths
@@ -1507,7 +1552,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     (one new position's projections per step). The first cross-attend's outputs of the latents do not change while the
     context window starts at the first token, so the cache keeps them and a step runs that cross-attend for the new
     token alone. Past `C` tokens, the context window's start moves too, and every latent's cross-attends run. The
-    result equals a full forward on the last `C` tokens at every step.
+    result equals a full forward on the last `C` tokens at every step. `PerceiverLiteSlidingCausalLMCache`, passed as
+    `cache=`, keeps sliding the latents' keys and values instead: every step runs the new token alone (approximate
+    once the latent window is full; see its docstring).
 
     Fast path (`use_fast_paths`, `fast_plan`): the context's cross-attention keys and values are functions of each
     position's token alone, so where a forward's new tokens (batch x length) are at least the vocabulary, the
@@ -1622,8 +1669,13 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         past, length = 0 if cache is None else cache.seen_tokens, input_ids.shape[1]
         total = past + length
         window, num_latents = min(total, config.data_shape[1]), min(total, config.num_latent_tokens)
-        growing = cache is not None and total <= config.num_latent_tokens  # no latent has left the window yet
-        num_queries = length if growing else num_latents
+        # Incremental: the new positions alone run the latent stack, beside the cached latents' keys and values; exact
+        # while no latent has left the window yet, and the sliding cache's approximation after
+        incremental = cache is not None and (total <= config.num_latent_tokens or cache.slides_latent_states)
+        num_queries = min(length, config.num_latent_tokens) if incremental else num_latents
+        num_latent_keys = num_queries  # the self-attention's keys: the latents, cached ones included
+        if incremental:
+            num_latent_keys = min(cache.cached_latents() + num_queries, config.num_latent_tokens)
         embeds = self.embeddings(input_ids)  # (B, T, E)
         recent = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
         recent = recent[:, -config.num_latent_tokens :]  # (B, <= N, E)
@@ -1638,11 +1690,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 context_ids = input_ids.gather(1, key_positions)  # (B, W')
                 context = embeds.gather(1, key_positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
                 valid = None if valid is None else valid.gather(1, key_positions)
-        latent_keys = key_positions if growing else query_positions  # the self-attention's keys: every latent so far
-        latent_valid = valid if growing or valid is None else valid[:, -num_queries:]
+        latent_keys = torch.arange(window - num_latent_keys, window, device=device)[None]  # (1, L): the latents
+        latent_valid = None if valid is None else valid[:, -num_latent_keys:]
         cross_mask = causal_key_mask(query_positions, key_positions, valid)  # (B or 1, 1, Q, W)
-        latent_mask = causal_key_mask(query_positions, latent_keys, latent_valid)  # (B or 1, 1, Q, Q or W)
-        if cache is not None and not growing:
+        latent_mask = causal_key_mask(query_positions, latent_keys, latent_valid)  # (B or 1, 1, Q, L)
+        if cache is not None and not incremental:
             cache.drop_latent_states()
 
         key_positions_of = {"cross": key_positions, "latent": latent_keys}
@@ -1678,7 +1730,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 if cache is not None and step == 0:
                     cache.keep_cross_states(fresh, total)
             for layer in block.layers:
-                update = cache.latent_update(latent_layer) if growing else None
+                update = cache.latent_update(latent_layer) if incremental else None
                 rotary_angles = rotary("latent", layer.self_attention)
                 hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update)
                 latent_layer += 1
@@ -1810,6 +1862,7 @@ __all__ = [
     "PerceiverLiteDecoder",
     "PerceiverLiteDecoderOutput",
     "PerceiverLiteCausalLMCache",
+    "PerceiverLiteSlidingCausalLMCache",
     "PerceiverLiteForAudioClassification",
     "PerceiverLiteForCausalLM",
     "PerceiverLiteForDensePrediction",

@@ -32,7 +32,9 @@ short measurements (inference, and the matmul products that give this machine's 
   loss: GPT-2 predicts every position, the Perceiver ARs the latent positions), generation throughput (greedy
   continuation of a `seq_len - new_tokens` prompt by `new_tokens` tokens, the prompt's forward pass included:
   transformers' `generate` with its key/value cache for ours and GPT-2, perceiver-ar-pytorch's own `generate`, which
-  has no cache and runs a full forward pass per token) and peak training memory.
+  has no cache and runs a full forward pass per token) and peak training memory. "ours (sliding cache)" is the same
+  model generating with `PerceiverLiteSlidingCausalLMCache` (opt-in, approximate: each step runs the new token alone;
+  see its docstring); it trains as "ours".
 
 Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
 allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
@@ -334,6 +336,15 @@ def build_ours_causal_lm(setup: CausalLMSetup):
     return model, lambda inputs: model(inputs).logits
 
 
+def build_ours_causal_lm_sliding(setup: CausalLMSetup):
+    """`build_ours_causal_lm`, generating with the sliding cache (`generate_tokens` passes `model.generation_cache`)."""
+    from perceiver_lite import PerceiverLiteSlidingCausalLMCache
+
+    model, logits = build_ours_causal_lm(setup)
+    model.generation_cache = PerceiverLiteSlidingCausalLMCache
+    return model, logits
+
+
 def build_gpt2(setup: CausalLMSetup):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -379,7 +390,9 @@ def generate_tokens(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: in
 
     if isinstance(model, PreTrainedModel):
         lengths = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, **lengths)
+        cache_class = getattr(model, "generation_cache", None)  # None: the model's own (exact) cache
+        cache = {} if cache_class is None else {"cache": cache_class(model.config)}
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, **lengths, **cache)
     from perceiver_ar_pytorch.autoregressive_wrapper import AutoregressiveWrapper
 
     return AutoregressiveWrapper(model).generate(prompt, new_tokens)
@@ -387,6 +400,7 @@ def generate_tokens(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: in
 
 CAUSAL_LM_BUILDERS = {
     "ours": build_ours_causal_lm,
+    "ours (sliding cache)": build_ours_causal_lm_sliding,
     "GPT-2": build_gpt2,
     "perceiver-ar-pytorch": build_perceiver_ar_pytorch,
 }
@@ -613,9 +627,10 @@ SCENARIO_MODELS = {
     "B": ["ours", "perceiver-pytorch"],
     "C": ["ours", "transformers", "perceiver-pytorch"],
     "D": ["ours", "ours (sparse prediction)", "transformers", "perceiver-pytorch"],
-    "E": ["ours", "GPT-2", "perceiver-ar-pytorch"],
+    "E": ["ours", "ours (sliding cache)", "GPT-2", "perceiver-ar-pytorch"],
 }
 TRAINING_ONLY = ("ours (checkpointing)", "ours (sparse prediction)")  # inference as "ours"
+GENERATION_ONLY = ("ours (sliding cache)",)  # training as "ours"
 # perceiver-ar-pytorch fails under bfloat16 autocast: it fills its bfloat16 attention scores with float32's minimum
 UNSUPPORTED = {("perceiver-ar-pytorch", "bfloat16")}
 
@@ -628,7 +643,7 @@ def scenario_models(scenario: str, dtype: str) -> list[str]:
 def memory_jobs(setups: dict, image_sizes: list[int]) -> list[tuple]:
     """Every `(model, setup, dtype)` whose peak training memory the scenarios report."""
     jobs = [(name, setups[s], dtype) for s in "ABDE" if s in setups for dtype in DTYPES
-            for name in scenario_models(s, dtype)]  # fmt: skip
+            for name in scenario_models(s, dtype) if name not in GENERATION_ONLY]  # fmt: skip
     for image_size in image_sizes if "C" in setups else ():
         setup = dataclasses.replace(setups["C"], image_size=image_size)
         jobs += [(name, setup, "float32") for name in SCENARIO_MODELS["C"]]
@@ -668,25 +683,21 @@ def scenario_e(setup: CausalLMSetup, device: str, repeats: int, rates: dict, mem
     for dtype in DTYPES:
         names = scenario_models("E", dtype)
         runners = {name: Runner(name, setup, device, dtype) for name in names}
-        flops = {name: runners[name].flops()[1] for name in names}
-        training = interleaved_minimum({n: r.train_step for n, r in runners.items()}, device, repeats)
+        trainers = {name: runner for name, runner in runners.items() if name not in GENERATION_ONLY}
+        flops = {name: runner.flops()[1] for name, runner in trainers.items()}
+        training = interleaved_minimum({n: r.train_step for n, r in trainers.items()}, device, repeats)
         generation = interleaved_minimum({n: r.generate for n, r in runners.items()}, device, repeats)
-        del runners
+        del runners, trainers
         gc.collect()
         for name in names:
-            rows.append(
-                {
-                    "scenario": "E",
-                    "dtype": dtype,
-                    "model": name,
-                    "parameters": _parameters(name, setup),
-                    "train_samples_per_s": setup.batch_size / training[name],
-                    "train_gflops_per_s": flops[name] / training[name] / 1e9,
-                    "train_matmul_fraction": flops[name] / training[name] / 1e9 / rates[dtype],
-                    "generate_tokens_per_s": setup.batch_size * setup.new_tokens / generation[name],
-                    "train_peak_mib": memory[name, setup, dtype],
-                }
-            )
+            row = {"scenario": "E", "dtype": dtype, "model": name, "parameters": _parameters(name, setup)}
+            if name in training:
+                row["train_samples_per_s"] = setup.batch_size / training[name]
+                row["train_gflops_per_s"] = flops[name] / training[name] / 1e9
+                row["train_matmul_fraction"] = row["train_gflops_per_s"] / rates[dtype]
+                row["train_peak_mib"] = memory[name, setup, dtype]
+            row["generate_tokens_per_s"] = setup.batch_size * setup.new_tokens / generation[name]
+            rows.append(row)
         _add_ratios(rows[-len(names) :])
     return rows
 

@@ -418,6 +418,16 @@ def markdown(rows: list[dict], command: str, budget: float, seeds: list[int]) ->
             f"| {row['dataset']} | {row['model']} | {row['parameters']:,} | {row['mean_accuracy']:.3f} | {per_seed} "
             f"| {row['steps_per_second']:.1f} |"
         )
+    cached = [r for r in results if "bits_per_byte_sliding_cache" in r]
+    if cached:
+        lines += ["", "Generation's predictions, byte by byte through a cache after a `seq_len`-byte prompt "
+                  "(`cached_bits_per_byte`: 8 stretches of the validation data, 1,024 bytes scored each), bits per "
+                  "byte:", "", "| model | exact cache | sliding cache (approximate) |", "|---|---:|---:|"]  # fmt: skip
+        for model in dict.fromkeys(r["model"] for r in cached):
+            runs = [r for r in cached if r["model"] == model]
+            exact, sliding = (statistics.mean(r[f"bits_per_byte_{cache}"] for r in runs)
+                              for cache in ("exact_cache", "sliding_cache"))  # fmt: skip
+            lines.append(f"| {model} | {exact:.3f} | {sliding:.3f} |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
@@ -554,6 +564,35 @@ def bits_per_byte(model: nn.Module, data: np.ndarray, batch_size: int = 32) -> f
     return total / (len(windows) * (scored - 1)) / math.log(2)
 
 
+@torch.no_grad()
+def cached_bits_per_byte(model: nn.Module, data: np.ndarray, cache_class, stretches: int = 8, scored: int = 1024):
+    """Bits per byte as generation predicts: `stretches` stretches of `data` (evenly spaced), each a `seq_len`-byte
+    prompt through one forward, then its next `scored` bytes one at a time through the cache `cache_class` (the exact
+    `PerceiverLiteCausalLMCache`, or the approximate `PerceiverLiteSlidingCausalLMCache`), each scored before it is
+    fed. With the exact cache, this is the full forward's cross-entropy on those bytes."""
+    model.eval()
+    length = TEXT["seq_len"] + scored
+    starts = np.linspace(0, len(data) - length, stretches).astype(int)
+    ids = torch.from_numpy(np.stack([data[start : start + length] for start in starts]).astype(np.int64))  # (S, L)
+    cache = cache_class(model.config)
+    logits = model(ids[:, : TEXT["seq_len"]], cache=cache, use_cache=True).logits[:, -1]  # (S, 256)
+    total = 0.0
+    for position in range(TEXT["seq_len"], length):
+        total += nn.functional.cross_entropy(logits.float(), ids[:, position], reduction="sum").item()
+        logits = model(ids[:, position : position + 1], cache=cache, use_cache=True).logits[:, -1]
+    return total / (stretches * scored) / math.log(2)
+
+
+def cache_bits_per_byte(model: nn.Module, data: np.ndarray) -> dict[str, float]:
+    """`cached_bits_per_byte` with each of our caches; empty for the other models."""
+    from perceiver_lite import PerceiverLiteCausalLMCache, PerceiverLiteForCausalLM, PerceiverLiteSlidingCausalLMCache
+
+    if not isinstance(model, PerceiverLiteForCausalLM):
+        return {}
+    caches = {"exact_cache": PerceiverLiteCausalLMCache, "sliding_cache": PerceiverLiteSlidingCausalLMCache}
+    return {f"bits_per_byte_{name}": cached_bits_per_byte(model, data, cache) for name, cache in caches.items()}
+
+
 def train_and_evaluate_text(model_name: str, seed: int, budget_seconds: float) -> dict:
     """One run on one thread: build, train through `Trainer` for the budget, validation bits per byte."""
     from transformers import set_seed
@@ -569,6 +608,7 @@ def train_and_evaluate_text(model_name: str, seed: int, budget_seconds: float) -
         "dataset": "text",
         "seed": seed,
         "bits_per_byte": bits_per_byte(model, validation),
+        **cache_bits_per_byte(model, validation),
         "steps": steps,
         "train_seconds": seconds,
         "steps_per_second": steps / seconds,
@@ -607,6 +647,16 @@ def text_markdown(results: list[dict], models: list[str], command: str, budget: 
             f"| {model} | {runs[0]['parameters']:,} | {statistics.mean(r['bits_per_byte'] for r in runs):.3f} "
             f"| {per_seed} | {statistics.mean(r['steps_per_second'] for r in runs):.2f} |"
         )
+    cached = [r for r in results if "bits_per_byte_sliding_cache" in r]
+    if cached:
+        lines += ["", "Generation's predictions, byte by byte through a cache after a `seq_len`-byte prompt "
+                  "(`cached_bits_per_byte`: 8 stretches of the validation data, 1,024 bytes scored each), bits per "
+                  "byte:", "", "| model | exact cache | sliding cache (approximate) |", "|---|---:|---:|"]  # fmt: skip
+        for model in dict.fromkeys(r["model"] for r in cached):
+            runs = [r for r in cached if r["model"] == model]
+            exact, sliding = (statistics.mean(r[f"bits_per_byte_{cache}"] for r in runs)
+                              for cache in ("exact_cache", "sliding_cache"))  # fmt: skip
+            lines.append(f"| {model} | {exact:.3f} | {sliding:.3f} |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)

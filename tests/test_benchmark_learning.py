@@ -4,6 +4,7 @@ itself, with its full budget."""
 
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -124,6 +125,28 @@ def test_bits_per_byte_is_eight_for_uniform_and_zero_for_the_next_byte(benchmark
     assert benchmark.bits_per_byte(PeekingModel(8, perfect=True), data) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_cached_bits_per_byte_is_the_full_forwards_with_the_exact_cache(benchmark, monkeypatch):
+    """Byte by byte through the exact cache: the cross-entropy of full forwards on each byte's last `seq_len` bytes;
+    through the sliding cache: another (approximate) value."""
+    from perceiver_lite import PerceiverLiteCausalLMCache, PerceiverLiteSlidingCausalLMCache
+
+    monkeypatch.setattr(benchmark, "TEXT", TINY_TEXT)
+    torch.manual_seed(0)
+    model = benchmark.build_ours_text(initializer_range=0.3).eval()
+    data = benchmark.text_bytes()[1][:500]
+    length, scored = TINY_TEXT["seq_len"], 6
+    starts = np.linspace(0, len(data) - length - scored, 2).astype(int)
+    ids = torch.from_numpy(np.stack([data[start : start + length + scored] for start in starts]).astype(np.int64))
+    with torch.no_grad():
+        logits = [model(ids[:, p - length : p]).logits[:, -1] for p in range(length, length + scored)]  # full forwards
+    losses = [torch.nn.functional.cross_entropy(step, ids[:, length + i], reduction="sum") for i, step in enumerate(logits)]
+    expected = sum(loss.item() for loss in losses) / (2 * scored) / math.log(2)
+    exact = benchmark.cached_bits_per_byte(model, data, PerceiverLiteCausalLMCache, stretches=2, scored=scored)
+    sliding = benchmark.cached_bits_per_byte(model, data, PerceiverLiteSlidingCausalLMCache, stretches=2, scored=scored)
+    assert exact == pytest.approx(expected, rel=1e-5)
+    assert sliding != pytest.approx(expected, rel=1e-5)
+
+
 def test_text_models_have_close_parameter_counts(benchmark):
     pytest.importorskip("perceiver_ar_pytorch", reason="the bench extra (perceiver-ar-pytorch) is not installed")
     counts = {name: sum(p.numel() for p in build().parameters()) for name, build in benchmark.TEXT_MODELS.items()}
@@ -144,7 +167,11 @@ def test_tiny_text_run_writes_the_table(benchmark, tmp_path, monkeypatch):
     payload = json.loads(output.with_suffix(".json").read_text())
     assert payload["sizes"] == TINY_TEXT and len(payload["runs"]) == len(benchmark.TEXT_MODELS)
     table = output.with_suffix(".md").read_text()
+    for run in results:
+        cached = "bits_per_byte_exact_cache" in run and "bits_per_byte_sliding_cache" in run
+        assert cached == run["model"].startswith("ours"), run
     assert "| ours |" in table and "| GPT-2 |" in table and "| perceiver-ar-pytorch |" in table
+    assert "| exact cache | sliding cache (approximate) |" in table
     assert "python scripts/benchmark_learning.py --text --budget 1" in table
     with pytest.raises(SystemExit):
         benchmark.parse_arguments(["--text", "--models", "perceiver-pytorch"])  # a classification model

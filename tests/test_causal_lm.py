@@ -24,7 +24,11 @@ from transformers import (
 )
 
 from perceiver_lite import PerceiverLiteConfig, PerceiverLiteForCausalLM, PerceiverLiteModel
-from perceiver_lite.modeling_perceiver_lite import PerceiverLiteCausalLMCache
+from perceiver_lite.modeling_perceiver_lite import (
+    PerceiverLiteCausalLMCache,
+    PerceiverLiteSlidingCausalLMCache,
+    rotary_cos_sin,
+)
 
 
 CONTEXT = 12  # data_shape[1]: the longest context
@@ -250,15 +254,21 @@ def test_beam_search_with_cache_equals_without(kind, prompt_length):
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_left_padded_batch_generates_as_each_prompt_alone(kind):
+@pytest.mark.parametrize("sliding", [False, True], ids=["exact-cache", "sliding-cache"])
+def test_left_padded_batch_generates_as_each_prompt_alone(kind, sliding):
     model = tiny_model(kind)
+
+    def cache():
+        return {"cache": PerceiverLiteSlidingCausalLMCache(model.config)} if sliding else {}
+
     prompts = [random_ids(1, length) for length in (3, 9, 6)]
     width = max(prompt.shape[1] for prompt in prompts)
     padded = torch.cat([torch.nn.functional.pad(p, (width - p.shape[1], 0)) for p in prompts])
     mask = torch.cat([torch.nn.functional.pad(torch.ones_like(p), (width - p.shape[1], 0)) for p in prompts])
-    batched = model.generate(padded, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    batched = model.generate(padded, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, **cache())
     for row, prompt in enumerate(prompts):
-        assert torch.equal(batched[row, width:], generate(model, prompt, max_new_tokens=16)[0, prompt.shape[1]:])
+        alone = generate(model, prompt, max_new_tokens=16, **cache())
+        assert torch.equal(batched[row, width:], alone[0, prompt.shape[1] :])
 
 
 def test_cache_slides_with_the_windows():
@@ -297,6 +307,92 @@ def test_past_key_values_is_the_cache_under_its_old_name():
         step = model(ids[:, 5:], past_key_values=cache, use_cache=True)
     assert step.cache is cache and cache.get_seq_length() == 6
     torch.testing.assert_close(step.logits[:, -1], model(ids).logits[:, -1], rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sliding cache (approximate)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def band_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits `(B, T, vocab)` of every position of `ids` `(B, T)`, any `T`, by the model's layers with every
+    position a latent, computed once: the cross-attentions see the last `CONTEXT` positions, the latent
+    self-attentions the last `LATENTS`, with rotary positions by index. What the sliding cache computes, written
+    independently of it."""
+    positions = torch.arange(ids.shape[1])[None]  # (1, T)
+    difference = positions[0, None, :] - positions[0, :, None]  # (T, T): key minus query position
+
+    def band(width: int) -> torch.Tensor:
+        return ((difference <= 0) & (difference > -width))[None, None]  # (1, 1, T, T)
+
+    def rotary(attention):
+        angles = rotary_cos_sin(positions, attention.head_dim, model.config.rope_theta, torch.float64)
+        return angles, angles
+
+    with torch.no_grad():
+        context = model.embeddings(ids)  # (B, T, E)
+        hidden_states = context if model.latent_proj is None else model.latent_proj(context)
+        for block_index in model.config.layers_indice:
+            block = model.blocks[block_index]
+            if block.cross_layer is not None:
+                cross = block.cross_layer
+                hidden_states = cross(hidden_states, context, band(CONTEXT), rotary(cross.cross_attention))
+            for layer in block.layers:
+                hidden_states = layer(hidden_states, None, band(LATENTS), rotary(layer.self_attention))
+        hidden_states = model.norm(hidden_states)
+        return model.lm_head(hidden_states if model.lm_proj is None else model.lm_proj(hidden_states))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_sliding_cache_steps_equal_a_model_over_the_last_windows(kind):
+    """From a prompt inside the latent window, token by token to 20 tokens (past the context of 12): the sliding
+    cache's logits at every step are `band_logits`'; the exact cache's agree while the latent window grows, and not
+    after (the approximation is real, and this test would see it missing)."""
+    model = tiny_model(kind)
+    ids = random_ids(2, 20)
+    expected = band_logits(model, ids)
+    sliding, exact = PerceiverLiteSlidingCausalLMCache(model.config), PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        logits = model(ids[:, :2], cache=sliding, use_cache=True).logits  # (2, 2, vocab)
+        torch.testing.assert_close(logits, expected[:, :2], rtol=1e-10, atol=1e-10)
+        model(ids[:, :2], cache=exact, use_cache=True)
+        for position in range(2, 20):
+            step = model(ids[:, position : position + 1], cache=sliding, use_cache=True).logits[:, 0]
+            torch.testing.assert_close(step, expected[:, position], rtol=1e-10, atol=1e-10)
+            exact_step = model(ids[:, position : position + 1], cache=exact, use_cache=True).logits[:, 0]
+            assert torch.allclose(exact_step, step, rtol=1e-10, atol=1e-10) == (position < LATENTS)
+    assert all(layer.get_seq_length() == LATENTS for layer in sliding.layers[len(sliding.context_blocks) :])
+
+
+@pytest.mark.parametrize("prompt_length", [LATENTS + 3, CONTEXT])
+def test_sliding_cache_first_forward_is_exact_for_any_prompt(prompt_length):
+    """A prompt longer than the latent window: the first forward is the full forward, and its latents' keys and
+    values (the last 4 positions) are what the cache keeps."""
+    model = tiny_model()
+    ids = random_ids(2, prompt_length)
+    cache = PerceiverLiteSlidingCausalLMCache(model.config)
+    with torch.no_grad():
+        logits = model(ids, cache=cache, use_cache=True).logits
+        torch.testing.assert_close(logits, model(ids).logits, rtol=1e-10, atol=1e-10)
+    assert cache.cached_latents() == LATENTS and cache.cross_states is None
+
+
+def test_generate_with_the_sliding_cache():
+    """`generate(..., cache=PerceiverLiteSlidingCausalLMCache(config))`: greedy tokens past the context are those of
+    `band_logits`, one position at a time; with a model without latent self-attention (nothing to go stale) they are
+    the exact ones."""
+    model = tiny_model()
+    prompt = random_ids(2, 3)
+    tokens = generate(model, prompt, cache=PerceiverLiteSlidingCausalLMCache(model.config))
+    sequence = prompt
+    for _ in range(20):
+        sequence = torch.cat([sequence, band_logits(model, sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, sequence)
+    assert not torch.equal(tokens, generate(model, prompt))  # the exact cache's tokens differ here
+
+    cross_only = tiny_model("paper", layers_indice=(0,), num_latent_transformers_in_layers=(0,))
+    tokens = generate(cross_only, prompt, cache=PerceiverLiteSlidingCausalLMCache(cross_only.config))
+    assert torch.equal(tokens, full_forward_loop(cross_only, prompt, 20))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
