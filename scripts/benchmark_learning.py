@@ -418,16 +418,6 @@ def markdown(rows: list[dict], command: str, budget: float, seeds: list[int]) ->
             f"| {row['dataset']} | {row['model']} | {row['parameters']:,} | {row['mean_accuracy']:.3f} | {per_seed} "
             f"| {row['steps_per_second']:.1f} |"
         )
-    cached = [r for r in results if "bits_per_byte_sliding_cache" in r]
-    if cached:
-        lines += ["", "Generation's predictions, byte by byte through a cache after a `seq_len`-byte prompt "
-                  "(`cached_bits_per_byte`: 8 stretches of the validation data, 1,024 bytes scored each), bits per "
-                  "byte:", "", "| model | exact cache | sliding cache (approximate) |", "|---|---:|---:|"]  # fmt: skip
-        for model in dict.fromkeys(r["model"] for r in cached):
-            runs = [r for r in cached if r["model"] == model]
-            exact, sliding = (statistics.mean(r[f"bits_per_byte_{cache}"] for r in runs)
-                              for cache in ("exact_cache", "sliding_cache"))  # fmt: skip
-            lines.append(f"| {model} | {exact:.3f} | {sliding:.3f} |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
               f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
