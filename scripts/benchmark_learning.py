@@ -422,6 +422,7 @@ def markdown(rows: list[dict], command: str, budget: float, seeds: list[int]) ->
               f"{torch.__version__}.", "", "Command:", "", "```", command, "```", ""]  # fmt: skip
     return "\n".join(lines)
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Byte-level language modelling (`--text`): Python's own documentation, ours against GPT-2 and perceiver-ar-pytorch
 # ---------------------------------------------------------------------------------------------------------------------
