@@ -101,9 +101,12 @@ def test_seed_readme_structure_runs_at_small_size():
     assert outputs.last_hidden_state.shape == (2, 8, 32)
 
 
-def test_defaults_are_the_seed_usage_values():
-    assert PerceiverLiteConfig().to_dict() == seed_readme_config().to_dict()
+def test_defaults_are_the_seed_usage_values_but_the_cross_heads():
+    """The seed README's values (the paper's ImageNet model), but for `cross_heads`: 4, with which small models learn
+    better (docs/design.md, section 2.1)."""
     config = PerceiverLiteConfig()
+    assert config.cross_heads == 4
+    assert {**config.to_dict(), "cross_heads": 1} == seed_readme_config().to_dict()
     others = dict(vocab_size=262, hidden_act="gelu", layer_norm_eps=1e-5, cross_kv_dim=259)
     assert {name: getattr(config, name) for name in others} == others
 
@@ -342,10 +345,11 @@ SAVED_BEFORE = {
 def test_a_config_saved_before_the_default_changes_loads_unchanged(tmp_path):
     """`save_pretrained` writes every PerceiverLite field, defaults included (`to_diff_dict` leaves out only the fields
     of transformers' base config at their base value), so a folder keeps its values whatever the defaults become: its
-    initialisation ranges, `gated_feed_forward` and all."""
+    initialisation ranges, `gated_feed_forward`, `cross_heads` and all."""
     (tmp_path / "config.json").write_text(json.dumps(SAVED_BEFORE))
     config = PerceiverLiteConfig.from_pretrained(tmp_path)
     assert (config.initializer_range, config.latent_initializer_range, config.gated_feed_forward) == (0.02, None, False)
+    assert config.cross_heads == 1 and config.attention_channels("cross")[0] == 1  # one head, under today's 4
     mlp = PerceiverLiteMLP(config)  # the plain feed-forward it was saved with, under today's gated default
     assert not mlp.gated and mlp.fc1.out_features == mlp.fc2.in_features
     written = {k: v for k, v in SAVED_BEFORE.items() if k not in ("architectures", "auto_map", "transformers_version")}
