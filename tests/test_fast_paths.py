@@ -19,6 +19,7 @@ from perceiver_lite import (
     PerceiverLiteForCausalLM,
     PerceiverLiteForMaskedLM,
     PerceiverLiteModel,
+    PerceiverLiteSlidingCausalLMCache,
 )
 from perceiver_lite import fast_perceiver_lite as fast
 from perceiver_lite import modeling_perceiver_lite as modeling
@@ -1111,15 +1112,21 @@ def test_causal_lm_token_tables_equal_the_reference(case, monkeypatch):
     assert_close_gradients(fast_grads, grads, **tolerance)
 
 
-def test_causal_lm_generation_with_token_tables_equals_the_reference():
+@pytest.mark.parametrize("sliding", [False, True], ids=["exact-cache", "sliding-cache"])
+def test_causal_lm_generation_with_token_tables_equals_the_reference(sliding):
     """Greedy generation past the context (float32): the prompt's forward through the tables, then the cached steps,
-    give the reference's tokens."""
+    give the reference's tokens, with the exact cache and with the sliding one."""
     model = causal_lm().eval()
     prompt = causal_ids(length=20)
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    tokens = model.generate(prompt, **kwargs)
+
+    def generate():
+        cache = {"cache": PerceiverLiteSlidingCausalLMCache(model.config)} if sliding else {}
+        return model.generate(prompt, **kwargs, **cache)
+
+    tokens = generate()
     model.config.use_fast_paths = False
-    assert torch.equal(tokens, model.generate(prompt, **kwargs))
+    assert torch.equal(tokens, generate())
 
 
 def causal_lm_watched(model, case: str):
