@@ -206,11 +206,20 @@ def config_fields(config_class: type) -> tuple[str, ...]:
     return tuple(field.name for field in dataclasses.fields(config_class) if field.name not in inherited)
 
 
+@functools.cache
+def value_decisions(config_class: type) -> tuple | None:
+    """The distinct functions among the decisions on `config_class`'s fields (`_equal_head_widths` decides six fields:
+    it runs once per forward, not six times), or None where a field has no decision."""
+    decisions = [CONFIG_DECISIONS.get(name) for name in config_fields(config_class)]
+    if None in decisions:
+        return None
+    return tuple(dict.fromkeys(decision for decision in decisions if decision not in (SERVED, IRRELEVANT)))
+
+
 def _config_served(config) -> bool:
-    if config._attn_implementation != "sdpa":
-        return False
-    decisions = [CONFIG_DECISIONS.get(name) for name in config_fields(type(config))]
-    return all(decision in (SERVED, IRRELEVANT) or (decision is not None and decision(config)) for decision in decisions)
+    decisions = value_decisions(type(config))
+    return config._attn_implementation == "sdpa" and decisions is not None and all(
+        decision(config) for decision in decisions)  # fmt: skip
 
 
 SERVED_MODULES = {nn.Linear, nn.LayerNorm, nn.Dropout, nn.ModuleList, nn.Embedding}
@@ -245,16 +254,18 @@ def _module_served(module: nn.Module) -> bool:
     """`module` is of a served class, computes as its class does (no instance `forward`, projections and norms with
     their weight and bias), and no hook watches it. Read from the module's own dictionaries (`vars`, `_modules`):
     `getattr`'s misses go through `nn.Module.__getattr__`'s exception, at every module of every forward."""
-    if (type(module) not in SERVED_MODULES and in_place_activation(module) is None) or "forward" in vars(module):
+    own = vars(module)
+    if (type(module) not in SERVED_MODULES and in_place_activation(module) is None) or "forward" in own:
         return False
     children = module._modules
-    for names, plain in ((PROJECTIONS, nn.Linear), (NORMS, nn.LayerNorm)):
+    for names, plain in ((PROJECTIONS, nn.Linear), (NORMS, nn.LayerNorm)) if children else ():
         for child in (children.get(name) for name in names):
             if child is not None and (type(child) is not plain or child.weight is None or child.bias is None):
                 return False
-    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    watched = module._backward_hooks or module._backward_pre_hooks or "_hf_hook" in vars(module)
-    return not watched and all(getattr(hook, "__module__", None) == output_capturing.__name__ for hook in hooks)
+    if module._backward_hooks or module._backward_pre_hooks or "_hf_hook" in own:
+        return False
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return all(getattr(hook, "__module__", None) == output_capturing.__name__ for hook in hooks)
 
 
 def _global_hooks() -> bool:
