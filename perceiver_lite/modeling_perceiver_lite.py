@@ -617,6 +617,15 @@ def _unreadable_safetensors(folder) -> list[str]:
     return unreadable
 
 
+def _sharded(model: nn.Module) -> bool:
+    """Whether torch's `fully_shard` (FSDP2) sharded any of `model`'s weights: they are then `DTensor`s."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(parameter, DTensor) for parameter in model.parameters())
+
+
 class PerceiverLitePreTrainedModel(PreTrainedModel):
     config_class = PerceiverLiteConfig
     config: PerceiverLiteConfig
@@ -654,11 +663,40 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves as transformers does, with this file and the config's copied beside the weights (see `AUTO_CLASSES`),
         and lists every PerceiverLite model in `config.auto_map`, not only the saved class, so that `AutoModel` and
-        each `AutoModelFor...` load the folder with `trust_remote_code=True` where this package is not installed."""
+        each `AutoModelFor...` load the folder with `trust_remote_code=True` where this package is not installed.
+
+        A model sharded with torch's `fully_shard` (FSDP2: its weights are `DTensor`s) is saved whole: every process
+        must call this (gathering the weights is a collective), and the first process writes the folder, as the
+        unsharded class (see `_save_sharded`)."""
+        if _sharded(self):
+            return self._save_sharded(save_directory, *args, **kwargs)
         module = self.__module__.rsplit(".", 1)[-1]  # `modeling_perceiver_lite`, also when loaded as remote code
         auto_map = {name: f"{module}.{model_class.__name__}" for name, model_class in AUTO_CLASSES.items()}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _save_sharded(self, save_directory, *args, state_dict=None, **kwargs):
+        """`save_pretrained` of a `fully_shard`ed model: its whole weights (`state_dict` if given, else gathered from
+        every process to the first one's CPU memory), loaded into a model of its unsharded class, which rank 0 saves
+        (with `is_main_process`). `fully_shard` changes a model's class to a subclass defined in torch, which
+        transformers would otherwise copy into the folder as the model's code, and leaves `DTensor`s that safetensors
+        cannot write. All processes wait until the folder is written."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
+
+        if state_dict is None:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the whole tensors, on rank 0 alone
+            state_dict = get_model_state_dict(self, options=options)
+        if torch.distributed.get_rank() == 0 and kwargs.get("is_main_process", True):
+            unsharded_class = next(
+                cls for cls in type(self).__mro__
+                if issubclass(cls, PerceiverLitePreTrainedModel) and not issubclass(cls, FSDPModule)
+            )  # fmt: skip
+            model = unsharded_class(self.config)
+            model.load_state_dict(state_dict, assign=True)  # the gathered tensors themselves, in their dtype
+            model.tie_weights()  # `assign` replaced tied weights one by one
+            model.save_pretrained(save_directory, *args, **kwargs)
+        torch.distributed.barrier()
 
     def update_model_card(self, path: str | os.PathLike, **metadata) -> None:
         """Completes the model card (`README.md`) at `path` with this model's Hub metadata: `library_name:

@@ -4,8 +4,8 @@ it trains data-parallel, unsharded, and `PerceiverLiteTrainer` warns; with `acce
 defaults accelerate stops with an error.
 
 The test launches this file with `torchrun --standalone --nproc_per_node 2 tests/test_distributed_fsdp.py OUT`: each
-process trains its half of every batch (`main` below) and the first saves the result; the test then trains the same
-model on the whole batches in one process and compares.
+process trains its half of every batch (`main` below), and both call `save_pretrained`, which gathers the weights for
+the first process to write; the test then trains the same model on the whole batches in one process and compares.
 """
 
 import contextlib
@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.distributed.fsdp
 from conftest import PerceiverLiteModelTester
-from safetensors.torch import load_file
 from transformers import AutoModelForImageClassification, TrainingArguments
 
 from perceiver_lite import PerceiverLiteForImageClassification, fast_perceiver_lite, modeling_perceiver_lite
@@ -93,7 +92,6 @@ def recording_fast_plans():
 
 def main(output_dir: Path):
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -112,13 +110,7 @@ def main(output_dir: Path):
             "sharded": all(isinstance(parameter, DTensor) for parameter in model.parameters()),
             "fast_paths_served": served,
         }
-        # The whole weights, gathered; saved from an unsharded model: `fully_shard` changed the model's class, which
-        # `save_pretrained` would otherwise name in config.json
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            unsharded = PerceiverLiteForImageClassification(model.config)
-            unsharded.load_state_dict(state_dict)
-            unsharded.save_pretrained(output_dir / name)
+        model.save_pretrained(output_dir / name)  # every process: the weights are gathered, the first one writes
     report["trainer"] = trainer_asked_for_fsdp(output_dir / "trainer")
     if rank == 0:
         (output_dir / "report.json").write_text(json.dumps(report))
@@ -180,6 +172,21 @@ def test_fully_shard_over_two_processes_trains_to_the_weights_of_one_process(
     )
     assert all(not keys for keys in loading_info.values()), loading_info
     torch.testing.assert_close(model.state_dict(), one_process_weights, rtol=0, atol=1e-6)  # float32 rounding
+
+
+@needs_fully_shard
+@pytest.mark.parametrize("sharding", SHARDINGS)
+def test_save_pretrained_of_a_sharded_model_writes_the_unsharded_model_and_its_code(two_process_run, sharding):
+    """`fully_shard` makes the model's class a subclass defined in torch (`FSDPPerceiverLite...`): the folder names the
+    package's class and code, as an unsharded model's does, and loads as remote code too."""
+    output_dir, _ = two_process_run
+    folder = output_dir / sharding
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["PerceiverLiteForImageClassification"]
+    auto_map = config["auto_map"]["AutoModelForImageClassification"]
+    assert auto_map == "modeling_perceiver_lite.PerceiverLiteForImageClassification"
+    code = sorted(path.name for path in folder.glob("*.py"))
+    assert code == [f"{name}_perceiver_lite.py" for name in ("configuration", "fast", "modeling", "validation")]
 
 
 def test_a_process_training_alone_on_its_share_ends_elsewhere(one_process_weights):
