@@ -1512,8 +1512,19 @@ class PerceiverLiteCausalLayer(PerceiverLiteLayer):
     latent self-attention, then the feed-forward; the `PerceiverLiteLayer` residual sublayers, with the causal mask,
     rotary positions and cache update of `PerceiverLiteAttention`."""
 
-    def forward(self, hidden_states, key_value_states=None, attention_mask=None, rotary=None, cache_update=None):
+    def forward(
+        self, hidden_states, key_value_states=None, attention_mask=None, rotary=None, cache_update=None, num_outputs=None
+    ):
+        """`num_outputs`: where a self-attention layer's outputs are needed for the last `num_outputs` positions alone
+        (the last layer of a generation step that recomputes the latent stack), only their queries attend, to every
+        position's keys and values, and only they run the feed-forward; the same values for those positions."""
         cross = self.cross_attention is not None
+        if not cross and num_outputs is not None and num_outputs < hidden_states.shape[1]:
+            key_value_states = self.self_attention_norm(hidden_states) if self.pre_norm else hidden_states
+            hidden_states = hidden_states[:, -num_outputs:]  # (B, K, dim)
+            attention_mask = attention_mask[..., -num_outputs:, :]  # (B or 1, 1, K, L)
+            (query_cos, query_sin), key_angles = rotary
+            rotary = (query_cos[..., -num_outputs:, :], query_sin[..., -num_outputs:, :]), key_angles
         norm = self.cross_attention_norm if cross else self.self_attention_norm
         attention = self.cross_attention if cross else self.self_attention
         hidden_states = self.sublayer(
@@ -1557,13 +1568,14 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
           width `E` first, as ALBERT's), `dim`, `heads`, `cross_heads`, feed-forward and dropout fields as elsewhere.
         The latents start from the token embeddings of their positions (through `latent_proj` where `dim != E`).
 
-    `forward(input_ids, attention_mask=None, labels=None, cache=None, use_cache=None)`:
+    `forward(input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0)`:
         - `input_ids` `(B, T)`, `T <= C` (longer is an error; `generate` keeps the last `C` tokens itself);
         - `attention_mask` `(B, T)` (with a cache: `(B, cache.get_seq_length() + T)`), left padding only: 0s, then 1s;
         - `labels` `(B, T)`: the `input_ids` (-100 not scored); shifted inside, as in transformers' causal LMs;
         - returns `CausalLMOutputWithPast`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
           positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
-          the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`.
+          the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`;
+        - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs.
 
     Positions: rotary, on the queries and keys of every attention, by the position in the current context window
     (0 for its first token). A query-key product depends only on the difference of the positions, so this is the
@@ -1667,6 +1679,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -1677,7 +1690,15 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         cache (`PerceiverLiteCausalLMCache`, *optional*): the cache of the previous steps (an empty transformers
             `Cache` is replaced by one).
         use_cache (`bool`, *optional*): return a cache (default: where one is given).
+        logits_to_keep (`int`, *optional*): return the logits of the last `logits_to_keep` of the `K` positions only
+            (0, the default: all `K`), and score only those with `labels`; `generate` passes 1. The last latent
+            self-attention layer then runs for those positions alone.
         """
+        if type(logits_to_keep) is not int or logits_to_keep < 0:
+            raise TypeError(
+                f"`logits_to_keep` must be an int >= 0 (how many of the last positions' logits to return, 0 for all), "
+                f"got {logits_to_keep!r}"
+            )
         unsupported = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
         if unsupported:
             raise ValueError(f"PerceiverLiteForCausalLM returns no attentions or hidden states: pass {unsupported[0]}=False")
@@ -1688,8 +1709,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = PerceiverLiteCausalLMCache(self.config)
         plan = fast_plan(self, input_ids, kwargs=kwargs)
-        hidden_states = self._latents(input_ids, attention_mask, cache, plan)
-        hidden_states = hidden_states[:, -min(input_ids.shape[1], hidden_states.shape[1]):]  # (B, K, dim)
+        hidden_states = self._latents(input_ids, attention_mask, cache, plan, logits_to_keep)
+        kept = min(input_ids.shape[1], hidden_states.shape[1], logits_to_keep or input_ids.shape[1])
+        hidden_states = hidden_states[:, -kept:]  # (B, K, dim)
         hidden_states = self.norm(hidden_states)
         if self.lm_proj is not None:
             hidden_states = self.lm_proj(hidden_states)  # (B, K, E)
@@ -1699,10 +1721,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels[:, -logits.shape[1] :], vocab_size=self.config.vocab_size)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def _latents(self, input_ids, attention_mask, cache, plan=None) -> torch.Tensor:
+    def _latents(self, input_ids, attention_mask, cache, plan=None, logits_to_keep=0) -> torch.Tensor:
         """The final latents `(B, Q, dim)` of the last `Q` positions: the new tokens while a cache's latent window
-        grows, else the whole latent window. Updates `cache`. With a fast `plan` (`fast_plan`), the cross-attentions
-        take the context's keys and values from per-token tables (`token_key_values`)."""
+        grows, else the whole latent window; where the last layer is a latent self-attention layer, of the positions
+        the forward returns alone (the new ones among them, the last `logits_to_keep` where it is not 0). Updates
+        `cache`. With a fast `plan` (`fast_plan`), the cross-attentions take the context's keys and values from
+        per-token tables (`token_key_values`)."""
         config = self.config
         past, length = 0 if cache is None else cache.seen_tokens, input_ids.shape[1]
         total = past + length
@@ -1770,7 +1794,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             for layer in block.layers:
                 update = cache.latent_update(latent_layer) if incremental else None
                 rotary_angles = rotary("latent", layer.self_attention)
-                hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update)
+                last = step == len(config.layers_indice) - 1 and layer is block.layers[-1]
+                outputs = min(length, num_queries, logits_to_keep or length) if last else None  # those returned
+                hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update, num_outputs=outputs)
                 latent_layer += 1
         if cache is not None:
             cache.seen_tokens, cache.token_embeddings = total, recent

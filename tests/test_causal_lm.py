@@ -98,6 +98,40 @@ def test_logits_cover_the_latent_positions_and_the_loss_is_shifted(kind, length)
     torch.testing.assert_close(outputs.loss, expected.float())  # transformers computes the loss in float32
 
 
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("keep", [1, 3, LATENTS + 2])
+def test_logits_to_keep_returns_the_last_positions_logits(kind, keep):
+    """The last `keep` of the latent positions' logits (all of them where `keep` is larger), and the loss of those
+    positions, as the full forward computes them, though the last layer runs its queries for those positions alone."""
+    model = tiny_model(kind)
+    input_ids = random_ids(2, CONTEXT)
+    full = model(input_ids, labels=input_ids)
+    kept = model(input_ids, labels=input_ids, logits_to_keep=keep)
+    rows = min(keep, LATENTS)
+    assert kept.logits.shape == (2, rows, VOCAB_SIZE)
+    torch.testing.assert_close(kept.logits, full.logits[:, -rows:], rtol=1e-12, atol=1e-12)
+    if rows == 1:
+        assert torch.isnan(kept.loss)  # no next token in the input to score, as transformers' loss of one token
+        return
+    expected = torch.nn.functional.cross_entropy(
+        full.logits[:, -rows:-1].reshape(-1, VOCAB_SIZE), input_ids[:, -rows + 1 :].reshape(-1)
+    )
+    torch.testing.assert_close(kept.loss, expected.float())
+
+
+def test_generate_asks_for_the_last_logits_only():
+    """`generate` passes `logits_to_keep=1` to models whose forward takes it: the prompt's forward returns one
+    position's logits, and the tokens are those of full forwards."""
+    model = tiny_model()
+    assert model._supports_logits_to_keep()
+    shapes = []
+    model.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.logits.shape)))
+    prompt = random_ids(1, 7)
+    tokens = generate(model, prompt, max_new_tokens=8)
+    assert shapes[0] == (1, 1, VOCAB_SIZE)
+    assert torch.equal(tokens, full_forward_loop(model, prompt, 8))
+
+
 def test_lm_head_is_tied_to_the_token_embedding():
     for kind in CONFIGS:
         model = tiny_model(kind)
@@ -412,6 +446,10 @@ BAD_INPUTS = {
     "labels shape": (dict(input_ids=torch.full((2, 5), 5), labels=torch.full((2, 4), 5)), ValueError, r"labels.*\[2, 5\].*\[2, 4\]"),
     "float ids": (dict(input_ids=torch.ones(2, 5)), TypeError, r"input_ids.*integer"),
     "attentions": (dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=False"),
+    "logits_to_keep tensor": (
+        dict(input_ids=torch.full((2, 5), 5), logits_to_keep=torch.tensor([4])), TypeError, r"logits_to_keep.*int >= 0"
+    ),
+    "logits_to_keep negative": (dict(input_ids=torch.full((2, 5), 5), logits_to_keep=-1), TypeError, r"logits_to_keep.*-1"),
 }
 
 
