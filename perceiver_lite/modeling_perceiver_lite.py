@@ -241,9 +241,9 @@ class PerceiverLiteAttention(nn.Module):
     Cross and decoder attention normalise their keys/values' source first (pre-norm). `kv_dim` overrides the width of
     that source (the standalone `PerceiverLayer` attends to contexts of width `dim`).
 
-    The causal language model passes two more arguments: `cache_update`, a function of this call's keys and values
-    `(B, H, L, D)` (unrotated) that returns the cached ones with them appended, and `rotary`, the `(cos, sin)` of the
-    queries' and of the keys' positions, which rotate both after the cache (its causal masks come as `attention_mask`).
+    The causal language model passes two more arguments: `rotary`, the `(cos, sin)` of the queries' and of this call's
+    keys' positions, which rotate both, and `cache_update`, a function of this call's rotated keys and values
+    `(B, H, L, D)` that returns the cached ones with them appended (its causal masks come as `attention_mask`).
     """
 
     def __init__(self, config: PerceiverLiteConfig, kind: str = "self", kv_dim: int | None = None):
@@ -297,11 +297,11 @@ class PerceiverLiteAttention(nn.Module):
         `(B, H, Lk, Dv)`: the forward after the key and value projections."""
         query_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query = self.q_proj(hidden_states).view(query_shape).transpose(1, 2)  # (B, H, Lq, D)
-        if cache_update is not None:
-            key, value = cache_update(key, value)  # (B, H, cached + Lk, D)
-        if rotary is not None:
+        if rotary is not None:  # the keys computed here: a cache keeps them rotated
             (query_cos, query_sin), (key_cos, key_sin) = rotary
             query, key = rotate(query, query_cos, query_sin), rotate(key, key_cos, key_sin)
+        if cache_update is not None:
+            key, value = cache_update(key, value)  # (B, H, cached + Lk, D)
 
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -1373,8 +1373,9 @@ class PerceiverLiteCausalLMCache(Cache):
     r"""
     The key/value cache of `PerceiverLiteForCausalLM`, a transformers `Cache` of `DynamicLayer`s:
 
-    - one layer per unique cross-attending block: the keys and values of the context, unrotated (a context position's
-      keys and values depend only on its own token; the rotation by window position happens at every use), sliding
+    - one layer per unique cross-attending block: the keys and values of the context, the keys rotated by their
+      position counted from the first token seen (a context position's keys and values depend only on its own token
+      and that position, so they are computed once), sliding
       with the context window: at most `data_shape[1]` positions;
     - one layer per latent self-attention layer run (`layers_indice` order; a block run twice has two): the latents'
       keys and values, used while the latent window grows (every position so far is a latent), dropped once it is
@@ -1577,9 +1578,10 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
           the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`;
         - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs.
 
-    Positions: rotary, on the queries and keys of every attention, by the position in the current context window
-    (0 for its first token). A query-key product depends only on the difference of the positions, so this is the
-    same as right-aligned or absolute positions, and a left-padded sample gives the same predictions as unpadded.
+    Positions: rotary, on the queries and keys of every attention, by the position counted from the first token of
+    the input (with a cache, from the first token the cache has seen). A query-key product depends only on the
+    difference of the positions, so this is the same as right-aligned positions or positions in the current context
+    window, and a left-padded sample gives the same predictions as unpadded.
 
     Generation (`GenerationMixin`: greedy, sampling, beam search):
 
@@ -1594,7 +1596,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     >>> tokens = model.generate(**inputs, max_new_tokens=20, do_sample=False)
     ```
 
-    The cache (`PerceiverLiteCausalLMCache`) holds the context's cross-attention keys and values, unrotated, and
+    The cache (`PerceiverLiteCausalLMCache`) holds the context's cross-attention keys (rotated) and values, and
     slides with the context window. While the latent window grows (all positions so far are latents), each step runs
     the new token alone and appends to the latents' self-attention keys and values too. Once it is full, each step
     moves the oldest latent into the prefix: the remaining latents no longer attend to it, so their cached states would
@@ -1759,17 +1761,22 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if cache is not None and not incremental:
             cache.drop_latent_states()
 
-        key_positions_of = {"cross": key_positions, "latent": latent_keys}
-        angles = {}
+        # Rotary angles count from the first token the cache has seen (window index + `offset`): a cached key keeps the
+        # rotation of its position, and only a forward's new keys are rotated
+        offset, angles = total - window, {}
 
         def rotary(kind: str, attention: PerceiverLiteAttention):
-            """The `(cos, sin)` of the queries' and of the `kind` attention's keys' positions, once per head width."""
+            """The `(cos, sin)` of the queries' positions and of the keys the `kind` attention computes in this forward:
+            the context's (its new positions, or every kept one without a cache) or the latents' (the queries'), once
+            per head width."""
             width = attention.head_dim
-            if (kind, width) not in angles:
-                queries, keys = (rotary_cos_sin(positions, width, config.rope_theta, embeds.dtype)
-                                 for positions in (query_positions, key_positions_of[kind]))  # fmt: skip
-                angles[kind, width] = (queries, keys)
-            return angles[kind, width]
+            if width not in angles:
+                angles[width] = tuple(
+                    rotary_cos_sin(offset + positions, width, config.rope_theta, embeds.dtype)
+                    for positions in (query_positions, key_positions[:, -context.shape[1] :])
+                )  # fmt: skip
+            queries, context_keys = angles[width]
+            return queries, context_keys if kind == "cross" else queries
 
         hidden_states = recent[:, -num_queries:]  # (B, Q, E): the latents start from their tokens' embeddings
         if self.latent_proj is not None:
