@@ -1375,8 +1375,8 @@ class PerceiverLiteCausalLMCache(Cache):
 
     - one layer per unique cross-attending block: the keys and values of the context, the keys rotated by their
       position counted from the first token seen (a context position's keys and values depend only on its own token
-      and that position, so they are computed once), sliding
-      with the context window: at most `data_shape[1]` positions;
+      and that position, so they are computed once), sliding with the context window: at most `data_shape[1]`
+      positions;
     - one layer per latent self-attention layer run (`layers_indice` order; a block run twice has two): the latents'
       keys and values, used while the latent window grows (every position so far is a latent), dropped once it is
       full, when each step moves the oldest latent into the prefix and the full forward's latents no longer see it;
