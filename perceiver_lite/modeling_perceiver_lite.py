@@ -1711,9 +1711,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = PerceiverLiteCausalLMCache(self.config)
         plan = fast_plan(self, input_ids, kwargs=kwargs)
-        hidden_states = self._latents(input_ids, attention_mask, cache, plan, logits_to_keep)
-        kept = min(input_ids.shape[1], hidden_states.shape[1], logits_to_keep or input_ids.shape[1])
-        hidden_states = hidden_states[:, -kept:]  # (B, K, dim)
+        hidden_states = self._latents(input_ids, attention_mask, cache, plan, logits_to_keep)  # (B, K, dim)
         hidden_states = self.norm(hidden_states)
         if self.lm_proj is not None:
             hidden_states = self.lm_proj(hidden_states)  # (B, K, E)
@@ -1724,11 +1722,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
     def _latents(self, input_ids, attention_mask, cache, plan=None, logits_to_keep=0) -> torch.Tensor:
-        """The final latents `(B, Q, dim)` of the last `Q` positions: the new tokens while a cache's latent window
-        grows, else the whole latent window; where the last layer is a latent self-attention layer, of the positions
-        the forward returns alone (the new ones among them, the last `logits_to_keep` where it is not 0). Updates
-        `cache`. With a fast `plan` (`fast_plan`), the cross-attentions take the context's keys and values from
-        per-token tables (`token_key_values`)."""
+        """The final latents `(B, K, dim)` of the positions the forward returns: the latent positions among the new
+        tokens, the last `logits_to_keep` of them where it is not 0. The latent stack runs for the last `Q` positions
+        (the new tokens while a cache's latent window grows, else the whole latent window), its last layer, where it
+        is a latent self-attention layer, for the `K` alone. Updates `cache`. With a fast `plan` (`fast_plan`), the
+        cross-attentions take the context's keys and values from per-token tables (`token_key_values`)."""
         config = self.config
         past, length = 0 if cache is None else cache.seen_tokens, input_ids.shape[1]
         total = past + length
@@ -1737,6 +1735,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         # while no latent has left the window yet, and the sliding cache's approximation after
         incremental = cache is not None and (total <= config.num_latent_tokens or cache.slides_latent_states)
         num_queries = min(length, config.num_latent_tokens) if incremental else num_latents
+        num_outputs = min(length, num_queries, logits_to_keep or length)  # K: the positions whose logits are returned
         num_latent_keys = num_queries  # the self-attention's keys: the latents, cached ones included
         if incremental:
             num_latent_keys = min(cache.cached_latents() + num_queries, config.num_latent_tokens)
@@ -1802,12 +1801,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 update = cache.latent_update(latent_layer) if incremental else None
                 rotary_angles = rotary("latent", layer.self_attention)
                 last = step == len(config.layers_indice) - 1 and layer is block.layers[-1]
-                outputs = min(length, num_queries, logits_to_keep or length) if last else None  # those returned
+                outputs = num_outputs if last else None
                 hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update, num_outputs=outputs)
                 latent_layer += 1
         if cache is not None:
             cache.seen_tokens, cache.token_embeddings = total, recent
-        return hidden_states
+        return hidden_states[:, -num_outputs:]  # (B, K, dim)
 
     def _cross_attend(self, layer, hidden_states, context, context_ids, mask, rotary_angles, update, table_key_values):
         """A causal cross-attend layer of the latents `hidden_states` to the `context` (its token embeddings, of the
