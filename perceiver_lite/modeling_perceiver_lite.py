@@ -1576,7 +1576,11 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         - returns `CausalLMOutputWithPast`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
           positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
           the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`;
-        - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs.
+        - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs;
+        - `output_hidden_states=True`: `hidden_states`, the latents `(B, Q, dim)` of the `Q` positions the latent
+          stack ran for (the `K`, or with a cache the whole latent window where it is recomputed): before the first
+          layer (their token embeddings, through `latent_proj`), then after every layer in the order they run (a
+          repeated block's layers again), the last one after the final LayerNorm. No attentions are returned.
 
     Positions: rotary, on the queries and keys of every attention, by the position counted from the first token of
     the input (with a cache, from the first token the cache has seen). A query-key product depends only on the
@@ -1682,6 +1686,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        inputs_embeds: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         r"""
@@ -1695,40 +1700,65 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         logits_to_keep (`int`, *optional*): return the logits of the last `logits_to_keep` of the `K` positions only
             (0, the default: all `K`), and score only those with `labels`; `generate` passes 1. The last latent
             self-attention layer then runs for those positions alone.
+        inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead of
+            `input_ids` (soft prompts, as PEFT's prompt tuning passes them): the context and the latents' first
+            states, as the embeddings of `input_ids` would be.
+        output_hidden_states (`bool`, *optional*): return the latents before and after every layer
+            (`hidden_states`; default `config.output_hidden_states`).
         """
         if type(logits_to_keep) is not int or logits_to_keep < 0:
             raise TypeError(
                 f"`logits_to_keep` must be an int >= 0 (how many of the last positions' logits to return, 0 for all), "
                 f"got {logits_to_keep!r}"
             )
-        unsupported = [name for name in ("output_attentions", "output_hidden_states") if kwargs.get(name)]
-        if unsupported:
-            raise ValueError(f"PerceiverLiteForCausalLM returns no attentions or hidden states: pass {unsupported[0]}=False")
+        output_attentions, output_hidden_states = (
+            getattr(self.config, name) if kwargs.get(name) is None else kwargs[name]
+            for name in ("output_attentions", "output_hidden_states")
+        )  # None: the config's, as transformers' models read them
+        if output_attentions:
+            raise ValueError("PerceiverLiteForCausalLM returns no attentions: pass output_attentions=False")
+        if type(output_hidden_states) is not bool:
+            raise TypeError(f"`output_hidden_states` must be True or False, got {output_hidden_states!r}")
         use_cache = cache is not None if use_cache is None else use_cache
         if self.training and self.is_activation_checkpointing:
             use_cache = False  # as transformers' layers: recomputed layers would append twice
-        cache = self._check_causal_inputs(input_ids, attention_mask, labels, cache if use_cache else None)
+        cache = self._check_causal_inputs(input_ids, inputs_embeds, attention_mask, labels, cache if use_cache else None)
         if use_cache and cache is None:
             cache = PerceiverLiteCausalLMCache(self.config)
-        plan = fast_plan(self, input_ids, kwargs=kwargs)
-        hidden_states = self._latents(input_ids, attention_mask, cache, plan, logits_to_keep)  # (B, K, dim)
-        hidden_states = self.norm(hidden_states)
+        plan = None if input_ids is None else fast_plan(self, input_ids, kwargs=kwargs)  # its tables are of token ids
+        if inputs_embeds is None:
+            embeds = self.embeddings(input_ids)  # (B, T, E)
+        else:
+            embeds = inputs_embeds.to(self.embeddings.weight.dtype)  # any float dtype, as the weights' (as ViT)
+        all_hidden_states = [] if output_hidden_states else None
+        hidden_states = self._latents(input_ids, embeds, attention_mask, cache, plan, logits_to_keep, all_hidden_states)
+        hidden_states = self.norm(hidden_states)  # (B, K, dim)
+        if all_hidden_states is not None:
+            all_hidden_states[-1] = self.norm(all_hidden_states[-1])  # after the final norm, as transformers' LMs
         if self.lm_proj is not None:
             hidden_states = self.lm_proj(hidden_states)  # (B, K, E)
         logits = self.lm_head(hidden_states)  # (B, K, vocab_size)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels[:, -logits.shape[1] :], vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=None if all_hidden_states is None else tuple(all_hidden_states),
+        )
 
-    def _latents(self, input_ids, attention_mask, cache, plan=None, logits_to_keep=0) -> torch.Tensor:
-        """The final latents `(B, K, dim)` of the positions the forward returns: the latent positions among the new
-        tokens, the last `logits_to_keep` of them where it is not 0. The latent stack runs for the last `Q` positions
-        (the new tokens while a cache's latent window grows, else the whole latent window), its last layer, where it
-        is a latent self-attention layer, for the `K` alone. Updates `cache`. With a fast `plan` (`fast_plan`), the
-        cross-attentions take the context's keys and values from per-token tables (`token_key_values`)."""
+    def _latents(self, input_ids, embeds, attention_mask, cache, plan=None, logits_to_keep=0, all_hidden_states=None):
+        """The final latents `(B, K, dim)` of the positions the forward returns, from the new tokens' embeddings
+        `embeds` `(B, T, E)` (`input_ids`, their ids, are None where the forward was given embeddings): the latent
+        positions among the new tokens, the last `logits_to_keep` of them where it is not 0. The latent stack runs
+        for the last `Q` positions (the new tokens while a cache's latent window grows, else the whole latent
+        window), its last layer, where it is a latent self-attention layer, for the `K` alone, unless
+        `all_hidden_states` is a list: it then runs for the `Q` and the list gets the `Q` latents before the first
+        layer and after every layer. Updates `cache`. With a fast `plan` (`fast_plan`), the cross-attentions take the
+        context's keys and values from per-token tables (`token_key_values`)."""
         config = self.config
-        past, length = 0 if cache is None else cache.seen_tokens, input_ids.shape[1]
+        (batch_size, length), past = embeds.shape[:2], 0 if cache is None else cache.seen_tokens
         total = past + length
         window, num_latents = min(total, config.data_shape[1]), min(total, config.num_latent_tokens)
         # Incremental: the new positions alone run the latent stack, beside the cached latents' keys and values; exact
@@ -1739,18 +1769,17 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         num_latent_keys = num_queries  # the self-attention's keys: the latents, cached ones included
         if incremental:
             num_latent_keys = min(cache.cached_latents() + num_queries, config.num_latent_tokens)
-        embeds = self.embeddings(input_ids)  # (B, T, E)
         recent = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
         recent = recent[:, -config.num_latent_tokens :]  # (B, <= N, E)
-        device = input_ids.device
+        device = embeds.device
         query_positions = torch.arange(window - num_queries, window, device=device)[None]  # (1, Q)
         key_positions = torch.arange(window, device=device)[None]  # (1, W)
         valid = None if attention_mask is None else attention_mask[:, -window:].bool()  # (B, W)
         context, context_ids = embeds, input_ids
         if self.training and cache is None and config.prefix_dropout > 0:
-            key_positions = self._kept_positions(*input_ids.shape, window - num_latents, device)  # (B or 1, W')
+            key_positions = self._kept_positions(batch_size, length, window - num_latents, device)  # (B or 1, W')
             if key_positions.shape[1] < length:  # a prefix dropped per sample
-                context_ids = input_ids.gather(1, key_positions)  # (B, W')
+                context_ids = None if input_ids is None else input_ids.gather(1, key_positions)  # (B, W')
                 context = embeds.gather(1, key_positions[..., None].expand(-1, -1, embeds.shape[-1]))  # (B, W', E)
                 valid = None if valid is None else valid.gather(1, key_positions)
         latent_keys = torch.arange(window - num_latent_keys, window, device=device)[None]  # (1, L): the latents
@@ -1780,6 +1809,8 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         hidden_states = recent[:, -num_queries:]  # (B, Q, E): the latents start from their tokens' embeddings
         if self.latent_proj is not None:
             hidden_states = self.latent_proj(hidden_states)  # (B, Q, dim)
+        record = (lambda states: None) if all_hidden_states is None else all_hidden_states.append
+        record(hidden_states)
         context_states, latent_layer = {}, 0
         table_key_values = None if plan is None else {}  # per cross-attend layer: a repeated block reads them again
         for step, block_index in enumerate(config.layers_indice):
@@ -1797,12 +1828,14 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 hidden_states = fresh if reused == 0 else torch.cat([cache.cross_states[:, -reused:], fresh], dim=1)
                 if cache is not None and step == 0:
                     cache.keep_cross_states(fresh, total)
+                record(hidden_states)
             for layer in block.layers:
                 update = cache.latent_update(latent_layer) if incremental else None
                 rotary_angles = rotary("latent", layer.self_attention)
                 last = step == len(config.layers_indice) - 1 and layer is block.layers[-1]
-                outputs = num_outputs if last else None
+                outputs = num_outputs if last and all_hidden_states is None else None
                 hidden_states = layer(hidden_states, None, latent_mask, rotary_angles, update, num_outputs=outputs)
+                record(hidden_states)
                 latent_layer += 1
         if cache is not None:
             cache.seen_tokens, cache.token_embeddings = total, recent
@@ -1845,11 +1878,22 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         latents = torch.arange(prefix_length, length, device=device).expand(batch_size, -1)  # (B, N)
         return torch.cat([kept, latents], dim=1)  # (B, W')
 
-    def _check_causal_inputs(self, input_ids, attention_mask, labels, cache):
+    def _check_causal_inputs(self, input_ids, inputs_embeds, attention_mask, labels, cache):
         """Inputs, mask, labels and cache, before any compute; returns the cache to use (None for an empty foreign
         `Cache`, which the forward replaces)."""
-        check_token_ids(input_ids, self.config.vocab_size)
-        batch_size, length = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            name, inputs = "input_ids", input_ids
+        else:
+            width = self.config.data_shape[0]
+            expected = f"[B, T, embedding width data_shape[0]={width}]"
+            check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=self.dtype)
+            if inputs_embeds.shape[-1] != width:
+                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
+            name, inputs = "inputs_embeds", inputs_embeds
+        batch_size, length = inputs.shape[:2]
         if cache is not None and not isinstance(cache, PerceiverLiteCausalLMCache):
             if cache.get_seq_length() > 0:
                 raise TypeError(
@@ -1861,12 +1905,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         context = self.config.data_shape[1]
         if length > context:
             raise ValueError(
-                f"`input_ids` has shape {list(input_ids.shape)}: {length} tokens exceed the longest context "
+                f"`{name}` has shape {list(inputs.shape)}: {length} tokens exceed the longest context "
                 f"data_shape[1] = {context}; pass the last {context} tokens (generate keeps them itself)"
             )
         if cache is not None and cache.token_embeddings is not None and cache.token_embeddings.shape[0] != batch_size:
             raise ValueError(
-                f"`cache` holds {cache.token_embeddings.shape[0]} sequences, `input_ids` has shape {list(input_ids.shape)}"
+                f"`cache` holds {cache.token_embeddings.shape[0]} sequences, `{name}` has shape {list(inputs.shape)}"
             )
         if attention_mask is not None:
             check_mask("attention_mask", attention_mask, [(batch_size, past + length)])
@@ -1876,17 +1920,19 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         return cache
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
-                                      **kwargs):  # fmt: skip
+                                      inputs_embeds=None, **kwargs):  # fmt: skip
         """transformers' preparation, then the last `data_shape[1]` tokens where there are more (without a cache every
-        step sees the last context window; with one, the prompt's), and the mask cut to the tokens seen and given."""
+        step sees the last context window; with one, the prompt's), and the mask cut to the tokens seen and given.
+        A prompt given as `inputs_embeds` is the first step's input, as transformers prepares it."""
         inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask, **kwargs
-        )
-        input_ids = inputs["input_ids"][:, -self.config.data_shape[1] :]
-        inputs["input_ids"] = input_ids
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds, **kwargs,
+        )  # fmt: skip
+        name = "input_ids" if inputs.get("input_ids") is not None else "inputs_embeds"
+        inputs[name] = inputs[name][:, -self.config.data_shape[1] :]  # (B, <= C) or (B, <= C, E)
         if inputs.get("attention_mask") is not None:
             past = 0 if cache is None else cache.get_seq_length()
-            inputs["attention_mask"] = inputs["attention_mask"][:, -(past + input_ids.shape[1]) :]
+            inputs["attention_mask"] = inputs["attention_mask"][:, -(past + inputs[name].shape[1]) :]
         return inputs
 
 

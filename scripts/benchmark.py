@@ -933,7 +933,7 @@ def main():
         elif name == "C":
             scenario_rows, exponents = scenario_c(setups["C"], image_sizes, args.device, max(repeats - 2, 1), memory)
         elif name == "E":
-            scenario_rows = scenario_e(setups["E"], args.device, max(repeats - 2, 1), rates, memory)
+            scenario_rows = scenario_e(setups["E"], args.device, repeats, rates, memory)  # its steps: seconds at most
         else:
             scenario_rows = scenario_a(setups[name], args.device, repeats, rates, memory, scenario=name)
         print(markdown_table(scenario_rows), flush=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import PerceiverLiteModelTester, training_arguments
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import save_file
 from test_hub import load_without_package
 from transformers import (
@@ -130,6 +130,134 @@ def test_generate_asks_for_the_last_logits_only():
     tokens = generate(model, prompt, max_new_tokens=8)
     assert shapes[0] == (1, 1, VOCAB_SIZE)
     assert torch.equal(tokens, full_forward_loop(model, prompt, 8))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_hidden_states_are_the_latents_before_and_after_every_layer(kind):
+    """`output_hidden_states=True`: one entry before the first layer and one after every layer run (a repeated block's
+    again), each `(B, min(T, N), dim)`, equal to an independent computation (`band_hidden_states`, a forward for
+    `T <= N`); the last is the final norm's output, from which the logits come; `logits_to_keep` trims the logits
+    only."""
+    model = tiny_model(kind)
+    input_ids = random_ids(2, LATENTS)
+    outputs = model(input_ids, output_hidden_states=True)
+    expected = band_hidden_states(model, input_ids)
+    num_layers = sum(len(model.blocks[i].layers) + (model.blocks[i].cross_layer is not None)
+                     for i in model.config.layers_indice)  # fmt: skip
+    assert len(outputs.hidden_states) == len(expected) == num_layers + 1
+    for states, reference in zip(outputs.hidden_states, expected):
+        torch.testing.assert_close(states, reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(outputs.logits, lm_logits(model, outputs.hidden_states[-1]), rtol=1e-12, atol=1e-12)
+    assert model(input_ids).hidden_states is None
+    kept = model(input_ids, output_hidden_states=True, logits_to_keep=1)
+    assert kept.logits.shape == (2, 1, VOCAB_SIZE)
+    for states, reference in zip(kept.hidden_states, outputs.hidden_states):
+        torch.testing.assert_close(states, reference, rtol=1e-12, atol=1e-12)
+    config_default = tiny_model(kind, output_hidden_states=True)
+    config_default.load_state_dict(model.state_dict())
+    assert len(config_default(input_ids).hidden_states) == num_layers + 1
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_hidden_states_through_the_cache_are_the_full_forwards(kind):
+    """Token by token through the exact cache, from 2 tokens to 20 (the latent window fills, then the context): each
+    step's hidden states of the new position equal those of a full forward on the last `CONTEXT` tokens; a step covers
+    the new token while the latent window grows and the whole window once it is recomputed."""
+    model = tiny_model(kind)
+    ids = random_ids(2, 20)
+    cache = PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :2], cache=cache, use_cache=True)
+        for position in range(2, 20):
+            step = model(ids[:, position : position + 1], cache=cache, use_cache=True, output_hidden_states=True)
+            full = model(ids[:, max(0, position + 1 - CONTEXT) : position + 1], output_hidden_states=True)
+            assert all(s.shape[1] == (1 if position < LATENTS else LATENTS) for s in step.hidden_states)
+            for states, reference in zip(step.hidden_states, full.hidden_states, strict=True):
+                torch.testing.assert_close(states[:, -1], reference[:, -1], rtol=1e-10, atol=1e-10)
+
+
+def test_generate_returns_the_hidden_states_of_every_step():
+    model = tiny_model()
+    prompt = random_ids(2, 3)
+    outputs = generate(model, prompt, max_new_tokens=6, output_hidden_states=True, return_dict_in_generate=True)
+    assert torch.equal(outputs.sequences, generate(model, prompt, max_new_tokens=6))
+    assert len(outputs.hidden_states) == 6 and all(len(step) == 7 for step in outputs.hidden_states)
+    last = model(outputs.sequences[:, -CONTEXT:-1], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(outputs.hidden_states[-1][-1][:, -1], last[-1][:, -1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_inputs_embeds_are_the_token_embeddings(kind):
+    """`inputs_embeds=embeddings(input_ids)` gives the forward of `input_ids` (logits, loss, hidden states), left
+    padded too, and step by step through the cache (the first step embeddings, then ids, as `generate` passes them);
+    the embeddings' gradient reaches them."""
+    model = tiny_model(kind)
+    ids = random_ids(2, CONTEXT)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    embeds = model.embeddings(ids).detach().requires_grad_(True)
+    by_ids = model(ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+    by_embeds = model(inputs_embeds=embeds, attention_mask=mask, labels=ids, output_hidden_states=True)
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(by_embeds.loss, by_ids.loss, rtol=1e-12, atol=1e-12)
+    for states, reference in zip(by_embeds.hidden_states, by_ids.hidden_states, strict=True):
+        torch.testing.assert_close(states, reference, rtol=1e-12, atol=1e-12)
+    by_embeds.loss.backward()
+    assert embeds.grad.abs().sum() > 0
+    cache = PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        model(inputs_embeds=embeds[:, :5], cache=cache, use_cache=True)
+        for position in range(5, CONTEXT):
+            step = model(ids[:, position : position + 1], cache=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(step, model(ids[:, : position + 1]).logits[:, -1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("prompt_length", [3, CONTEXT + 2])
+def test_generate_from_inputs_embeds_continues_as_from_the_ids(prompt_length):
+    """`generate(inputs_embeds=...)` returns the new tokens alone (as for transformers' models), those that
+    `generate(input_ids)` appends, with a prompt inside the latent window and one longer than the context."""
+    model = tiny_model()
+    prompt = random_ids(2, prompt_length)
+    tokens = generate(model, prompt, max_new_tokens=10)
+    embeds = model.embeddings(prompt).detach()
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(from_embeds, tokens[:, prompt_length:])
+
+
+def test_peft_prompt_tuning_trains_the_virtual_tokens():
+    """PEFT's prompt tuning passes `inputs_embeds` (its virtual tokens, then the tokens' embeddings): the forward is
+    the model's over those embeddings, and a step trains the virtual tokens alone."""
+    model = tiny_model(dtype=torch.float32).train()
+    width = model.config.data_shape[0]  # PEFT's `token_dim`: the token embedding's width
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_layers=1, token_dim=width, num_attention_heads=2
+    )
+    peft_model = get_peft_model(model, config)
+    ids = random_ids(2, 6)
+    outputs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    embeds = torch.cat([peft_model.get_prompt(batch_size=2), model.embeddings(ids)], dim=1)  # (2, 9, 16)
+    labels = torch.cat([torch.full((2, 3), -100), ids], dim=1)
+    torch.testing.assert_close(outputs.logits, model(inputs_embeds=embeds, labels=labels).logits, rtol=0, atol=0)
+    outputs.loss.backward()
+    trained = [name for name, parameter in peft_model.named_parameters() if parameter.grad is not None]
+    assert trained == ["prompt_encoder.default.embedding.weight"]
+
+    # generation with the virtual tokens, as README shows it: the base model's `generate` from the embeddings
+    model.eval()
+    with torch.no_grad():
+        virtual = peft_model.get_prompt(batch_size=2)  # (2, 3, 16)
+        tokens = model.generate(
+            inputs_embeds=torch.cat([virtual, model.embeddings(ids)], dim=1), attention_mask=torch.ones(2, 9),
+            max_new_tokens=5, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+        sequence = ids
+        for _ in range(5):
+            context = torch.cat([virtual, model.embeddings(sequence)], dim=1)[:, -CONTEXT:]
+            next_token = model(inputs_embeds=context).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_token], dim=1)
+    assert torch.equal(tokens, sequence[:, ids.shape[1] :])
 
 
 def test_lm_head_is_tied_to_the_token_embedding():
@@ -348,11 +476,12 @@ def test_past_key_values_is_the_cache_under_its_old_name():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def band_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """The logits `(B, T, vocab)` of every position of `ids` `(B, T)`, any `T`, by the model's layers with every
-    position a latent, computed once: the cross-attentions see the last `CONTEXT` positions, the latent
-    self-attentions the last `LATENTS`, with rotary positions by index. What the sliding cache computes, written
-    independently of it."""
+def band_hidden_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The latents `(B, T, dim)` of every position of `ids` `(B, T)`, any `T`, before the first and after every layer
+    (the last after the final norm), by the model's layers with every position a latent, computed once: the
+    cross-attentions see the last `CONTEXT` positions, the latent self-attentions the last `LATENTS`, with rotary
+    positions by index. What the sliding cache computes, written independently of it; for `T <= LATENTS`, what a
+    forward computes."""
     positions = torch.arange(ids.shape[1])[None]  # (1, T)
     difference = positions[0, None, :] - positions[0, :, None]  # (T, T): key minus query position
 
@@ -365,16 +494,27 @@ def band_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
     with torch.no_grad():
         context = model.embeddings(ids)  # (B, T, E)
-        hidden_states = context if model.latent_proj is None else model.latent_proj(context)
+        states = [context if model.latent_proj is None else model.latent_proj(context)]
         for block_index in model.config.layers_indice:
             block = model.blocks[block_index]
             if block.cross_layer is not None:
                 cross = block.cross_layer
-                hidden_states = cross(hidden_states, context, band(CONTEXT), rotary(cross.cross_attention))
+                states.append(cross(states[-1], context, band(CONTEXT), rotary(cross.cross_attention)))
             for layer in block.layers:
-                hidden_states = layer(hidden_states, None, band(LATENTS), rotary(layer.self_attention))
-        hidden_states = model.norm(hidden_states)
+                states.append(layer(states[-1], None, band(LATENTS), rotary(layer.self_attention)))
+        states[-1] = model.norm(states[-1])
+        return states
+
+
+def lm_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits of final (normed) latents."""
+    with torch.no_grad():
         return model.lm_head(hidden_states if model.lm_proj is None else model.lm_proj(hidden_states))
+
+
+def band_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits `(B, T, vocab)` of `band_hidden_states`' final latents."""
+    return lm_logits(model, band_hidden_states(model, ids)[-1])
 
 
 @pytest.mark.parametrize("kind", CONFIGS)
@@ -446,6 +586,20 @@ BAD_INPUTS = {
     "labels shape": (dict(input_ids=torch.full((2, 5), 5), labels=torch.full((2, 4), 5)), ValueError, r"labels.*\[2, 5\].*\[2, 4\]"),
     "float ids": (dict(input_ids=torch.ones(2, 5)), TypeError, r"input_ids.*integer"),
     "attentions": (dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=False"),
+    "ids and embeddings": (
+        dict(input_ids=torch.full((2, 5), 5), inputs_embeds=torch.zeros(2, 5, 16)), ValueError, r"exactly one of `input_ids` and `inputs_embeds`"
+    ),
+    "neither": (dict(attention_mask=torch.ones(2, 5)), ValueError, r"exactly one of `input_ids` and `inputs_embeds`"),
+    "embeddings width": (
+        dict(inputs_embeds=torch.zeros(2, 5, 24)), ValueError, r"inputs_embeds.*\[B, T, embedding width data_shape\[0\]=16\].*\[2, 5, 24\]"
+    ),
+    "embeddings rank": (dict(inputs_embeds=torch.zeros(2, 16)), ValueError, r"inputs_embeds"),
+    "embeddings too long": (
+        dict(inputs_embeds=torch.zeros(2, CONTEXT + 1, 16)), ValueError, r"inputs_embeds.*\[2, 13, 16\].*13 tokens.*12"
+    ),
+    "hidden states by index": (
+        dict(input_ids=torch.full((2, 5), 5), output_hidden_states=2), TypeError, r"output_hidden_states.*True or False.*2"
+    ),
     "logits_to_keep tensor": (
         dict(input_ids=torch.full((2, 5), 5), logits_to_keep=torch.tensor([4])), TypeError, r"logits_to_keep.*int >= 0"
     ),
