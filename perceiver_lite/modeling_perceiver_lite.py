@@ -24,7 +24,7 @@ from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPoolingAndCrossAttentions,
-    CausalLMOutputWithPast,
+    CausalLMOutputWithCrossAttentions,
     ImageClassifierOutput,
     SequenceClassifierOutput,
 )
@@ -1573,14 +1573,18 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         - `input_ids` `(B, T)`, `T <= C` (longer is an error; `generate` keeps the last `C` tokens itself);
         - `attention_mask` `(B, T)` (with a cache: `(B, cache.get_seq_length() + T)`), left padding only: 0s, then 1s;
         - `labels` `(B, T)`: the `input_ids` (-100 not scored); shifted inside, as in transformers' causal LMs;
-        - returns `CausalLMOutputWithPast`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
+        - returns `CausalLMOutputWithCrossAttentions`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
           positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
           the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`;
         - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs;
         - `output_hidden_states=True`: `hidden_states`, the latents `(B, Q, dim)` of the `Q` positions the latent
           stack ran for (the `K`, or with a cache the whole latent window where it is recomputed): before the first
           layer (their token embeddings, through `latent_proj`), then after every layer in the order they run (a
-          repeated block's layers again), the last one after the final LayerNorm. No attentions are returned.
+          repeated block's layers again), the last one after the final LayerNorm;
+        - `output_attentions=True` (eager attention: sdpa computes no probabilities): `attentions`, the latent
+          self-attentions' probabilities `(B, heads, Q, latent keys)`, and `cross_attentions`, the cross-attends'
+          `(B, cross_heads, Q', context)`, one per layer run, for the queries each computed in this forward (`Q' < Q`
+          where a cached step reuses the first cross-attend's outputs of older latents).
 
     Positions: rotary, on the queries and keys of every attention, by the position counted from the first token of
     the input (with a cache, from the first token the cache has seen). A query-key product depends only on the
@@ -1621,6 +1625,10 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("text",)
     pipeline_tag = "text-generation"
+    _can_record_outputs = {  # the hidden states are collected by `_latents` (a reused cross-attend runs for some queries)
+        "attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="self_attention"),
+        "cross_attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="cross_attention"),
+    }
     _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
     _no_split_modules = ["PerceiverLiteCausalLayer"]
 
@@ -1678,6 +1686,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
 
     @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")  # transformers' old name, as its models take it
     @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1688,7 +1697,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         inputs_embeds: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithCrossAttentions:
         r"""
         input_ids (`torch.LongTensor` of shape `(B, T)`): token ids in `[0, vocab_size)`, `T <= data_shape[1]`.
         attention_mask (`torch.Tensor` of shape `(B, T)`, or `(B, cached + T)` with a cache, *optional*):
@@ -1705,6 +1714,8 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             states, as the embeddings of `input_ids` would be.
         output_hidden_states (`bool`, *optional*): return the latents before and after every layer
             (`hidden_states`; default `config.output_hidden_states`).
+        output_attentions (`bool`, *optional*): return the attention probabilities (`attentions`, `cross_attentions`;
+            default `config.output_attentions`); needs `attn_implementation="eager"`.
         """
         if type(logits_to_keep) is not int or logits_to_keep < 0:
             raise TypeError(
@@ -1715,8 +1726,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             getattr(self.config, name) if kwargs.get(name) is None else kwargs[name]
             for name in ("output_attentions", "output_hidden_states")
         )  # None: the config's, as transformers' models read them
-        if output_attentions:
-            raise ValueError("PerceiverLiteForCausalLM returns no attentions: pass output_attentions=False")
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs the eager attention, got attn_implementation="
+                f"{self.config._attn_implementation!r}, which computes no probabilities: build or load the model with "
+                "attn_implementation='eager' (or call model.set_attn_implementation('eager'))"
+            )
         if type(output_hidden_states) is not bool:
             raise TypeError(f"`output_hidden_states` must be True or False, got {output_hidden_states!r}")
         use_cache = cache is not None if use_cache is None else use_cache
@@ -1730,7 +1745,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
             embeds = self.embeddings(input_ids)  # (B, T, E)
         else:
             embeds = inputs_embeds.to(self.embeddings.weight.dtype)  # any float dtype, as the weights' (as ViT)
-        all_hidden_states = [] if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states or output_attentions else None  # every layer for all positions
         hidden_states = self._latents(input_ids, embeds, attention_mask, cache, plan, logits_to_keep, all_hidden_states)
         hidden_states = self.norm(hidden_states)  # (B, K, dim)
         if all_hidden_states is not None:
@@ -1741,12 +1756,12 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels[:, -logits.shape[1] :], vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(
+        return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,
             cache=cache if use_cache else None,
-            hidden_states=None if all_hidden_states is None else tuple(all_hidden_states),
-        )
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+        )  # `capture_outputs` adds the attentions
 
     def _latents(self, input_ids, embeds, attention_mask, cache, plan=None, logits_to_keep=0, all_hidden_states=None):
         """The final latents `(B, K, dim)` of the positions the forward returns, from the new tokens' embeddings

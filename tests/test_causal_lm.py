@@ -176,6 +176,46 @@ def test_hidden_states_through_the_cache_are_the_full_forwards(kind):
                 torch.testing.assert_close(states[:, -1], reference[:, -1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_attentions_are_the_causal_probabilities_of_every_layer(kind):
+    """`output_attentions=True` (eager): one latent self-attention `(B, heads, N, N)` per self-attention layer run and
+    one cross-attention `(B, cross_heads, N, T)` per cross-attend run, the last layer's for every latent though the
+    logits are kept for one; each row a distribution over the keys at its query's position or before."""
+    model = tiny_model(kind, attn_implementation="eager")
+    input_ids = random_ids(2, CONTEXT)
+    outputs = model(input_ids, output_attentions=True, logits_to_keep=1)
+    runs = [model.blocks[i] for i in model.config.layers_indice]
+    assert len(outputs.attentions) == sum(len(block.layers) for block in runs)
+    assert len(outputs.cross_attentions) == sum(block.cross_layer is not None for block in runs)
+    query_positions = torch.arange(CONTEXT - LATENTS, CONTEXT)[:, None]  # the latents' positions
+    for probabilities, key_positions in [
+        *((p, torch.arange(CONTEXT - LATENTS, CONTEXT)) for p in outputs.attentions),
+        *((p, torch.arange(CONTEXT)) for p in outputs.cross_attentions),
+    ]:
+        assert probabilities.shape == (2, 2, LATENTS, len(key_positions))
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 2, LATENTS, dtype=torch.float64))
+        assert (probabilities[..., key_positions[None] > query_positions] == 0).all()
+        assert (probabilities[..., key_positions[None] <= query_positions] > 0).all()
+
+
+def test_attentions_through_the_cache_are_the_full_forwards():
+    """A cached step once the latent window is full: its latent self-attentions equal the full forward's (the stack
+    runs for the whole window); its first cross-attend runs for the new token alone, as the full forward's last row."""
+    model = tiny_model(attn_implementation="eager")
+    ids = random_ids(2, 8)
+    cache = PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :7], cache=cache, use_cache=True)
+        step = model(ids[:, 7:], cache=cache, use_cache=True, output_attentions=True)
+        full = model(ids, output_attentions=True)
+    for cached, reference in zip(step.attentions, full.attentions, strict=True):
+        torch.testing.assert_close(cached, reference, rtol=1e-10, atol=1e-10)
+    assert step.cross_attentions[0].shape == (2, 2, 1, 8)
+    torch.testing.assert_close(step.cross_attentions[0], full.cross_attentions[0][:, :, -1:], rtol=1e-10, atol=1e-10)
+    for cached, reference in zip(step.cross_attentions[1:], full.cross_attentions[1:], strict=True):
+        torch.testing.assert_close(cached, reference, rtol=1e-10, atol=1e-10)
+
+
 def test_generate_returns_the_hidden_states_of_every_step():
     model = tiny_model()
     prompt = random_ids(2, 3)
@@ -585,7 +625,9 @@ BAD_INPUTS = {
     "mask shape": (dict(input_ids=torch.full((2, 5), 5), attention_mask=torch.ones(2, 4)), ValueError, r"attention_mask.*\[2, 5\].*\[2, 4\]"),
     "labels shape": (dict(input_ids=torch.full((2, 5), 5), labels=torch.full((2, 4), 5)), ValueError, r"labels.*\[2, 5\].*\[2, 4\]"),
     "float ids": (dict(input_ids=torch.ones(2, 5)), TypeError, r"input_ids.*integer"),
-    "attentions": (dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=False"),
+    "attentions under sdpa": (
+        dict(input_ids=torch.full((2, 5), 5), output_attentions=True), ValueError, r"output_attentions=True needs the eager attention.*'sdpa'"
+    ),
     "ids and embeddings": (
         dict(input_ids=torch.full((2, 5), 5), inputs_embeds=torch.zeros(2, 5, 16)), ValueError, r"exactly one of `input_ids` and `inputs_embeds`"
     ),
