@@ -675,6 +675,14 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def push_to_hub(self, *args, **kwargs):
+        """transformers' `push_to_hub`. A model sharded with torch's `fully_shard` (FSDP2): every process must call it,
+        as `save_pretrained` (gathering the weights is a collective); the first process creates the repository and
+        uploads the unsharded model, the others take part in the gathering alone and return None."""
+        if _sharded(self) and torch.distributed.get_rank() != 0:
+            return self._save_sharded(None)  # the gathering and the barrier of the first process's `save_pretrained`
+        return super().push_to_hub(*args, **kwargs)
+
     def _save_sharded(self, save_directory, *args, state_dict=None, **kwargs):
         """`save_pretrained` of a `fully_shard`ed model: its whole weights (`state_dict` if given, else gathered from
         every process to the first one's CPU memory), loaded into a model of its unsharded class, which rank 0 saves

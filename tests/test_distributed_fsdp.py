@@ -5,7 +5,8 @@ defaults accelerate stops with an error.
 
 The test launches this file with `torchrun --standalone --nproc_per_node 2 tests/test_distributed_fsdp.py OUT`: each
 process trains its half of every batch (`main` below), and both call `save_pretrained`, which gathers the weights for
-the first process to write; the test then trains the same model on the whole batches in one process and compares.
+the first process to write, and `push_to_hub` (against `test_hub`'s stand-in for the Hub client), which the first
+process alone uploads; the test then trains the same model on the whole batches in one process and compares.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from transformers import AutoModelForImageClassification, TrainingArguments
 
 from perceiver_lite import PerceiverLiteForImageClassification, fast_perceiver_lite, modeling_perceiver_lite
 from perceiver_lite.trainer import PerceiverLiteTrainer
+from test_hub import SAVED_FILES, install_fake_hub
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +99,7 @@ def main(output_dir: Path):
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    hub = install_fake_hub(output_dir / "remote")
     report = {}
     for name, shard_layers in SHARDINGS.items():
         model = tiny_model()
@@ -111,9 +114,10 @@ def main(output_dir: Path):
             "fast_paths_served": served,
         }
         model.save_pretrained(output_dir / name)  # every process: the weights are gathered, the first one writes
+        model.push_to_hub(f"someone/{name}")  # every process, as save_pretrained; the first one uploads
+    report[f"hub_calls_rank{rank}"] = hub.calls
     report["trainer"] = trainer_asked_for_fsdp(output_dir / "trainer")
-    if rank == 0:
-        (output_dir / "report.json").write_text(json.dumps(report))
+    (output_dir / f"report{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
 
@@ -147,7 +151,9 @@ def two_process_run(tmp_path_factory) -> tuple[Path, dict]:
         [*torchrun, __file__, str(output_dir)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return output_dir, json.loads((output_dir / "report.json").read_text())
+    reports = [json.loads((output_dir / f"report{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+    return output_dir, {**reports[0], **{key: value for report in reports[1:] for key, value in report.items()
+                                         if key.startswith("hub_calls")}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +193,22 @@ def test_save_pretrained_of_a_sharded_model_writes_the_unsharded_model_and_its_c
     assert auto_map == "modeling_perceiver_lite.PerceiverLiteForImageClassification"
     code = sorted(path.name for path in folder.glob("*.py"))
     assert code == [f"{name}_perceiver_lite.py" for name in ("configuration", "fast", "modeling", "validation")]
+
+
+@needs_fully_shard
+def test_push_to_hub_of_a_sharded_model_uploads_once_from_the_first_process(two_process_run):
+    """Every process calls `push_to_hub` (the weights are gathered, as for `save_pretrained`); the first creates the
+    repository and uploads the unsharded model with its code and card, the others call nothing of the Hub."""
+    output_dir, report = two_process_run
+    expected = []
+    for name in SHARDINGS:
+        repo_id = f"someone/{name}"
+        expected += [("create_repo", repo_id), ("create_commit", repo_id, sorted({*SAVED_FILES, "README.md"}))]
+    assert [tuple(call) for call in report["hub_calls_rank0"]] == expected
+    assert report["hub_calls_rank1"] == []
+    pushed = PerceiverLiteForImageClassification.from_pretrained(output_dir / "remote" / "someone" / "model")
+    saved = PerceiverLiteForImageClassification.from_pretrained(output_dir / "model")
+    torch.testing.assert_close(pushed.state_dict(), saved.state_dict(), rtol=0, atol=0)
 
 
 def test_a_process_training_alone_on_its_share_ends_elsewhere(one_process_weights):

@@ -269,11 +269,11 @@ class FakeHubApi:
         shutil.copyfile(source, destination)
 
 
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    """Replaces the Hub client that transformers calls, and `ModelCard.load` of a repository (its README.md)."""
-    hub = FakeHubApi(tmp_path / "remote")
-    monkeypatch.setattr(transformers.utils.hub, "_hf_api", hub)
+def install_fake_hub(root: Path, setattr=setattr) -> FakeHubApi:
+    """Replaces the Hub client that transformers calls, and `ModelCard.load` of a repository (its README.md), with
+    `FakeHubApi(root)`; `setattr` is pytest's `monkeypatch.setattr` where the change must be undone after a test."""
+    hub = FakeHubApi(root)
+    setattr(transformers.utils.hub, "_hf_api", hub)
 
     class RemoteModelCard(ModelCard):
         @classmethod
@@ -283,8 +283,13 @@ def fake_hub(monkeypatch, tmp_path):
                 raise EntryNotFoundError(f"{repo_id_or_path} has no README.md")
             return ModelCard.load(card_path)
 
-    monkeypatch.setattr(transformers.utils.hub, "ModelCard", RemoteModelCard)
+    setattr(transformers.utils.hub, "ModelCard", RemoteModelCard)
     return hub
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    return install_fake_hub(tmp_path / "remote", monkeypatch.setattr)
 
 
 def card_metadata(folder: Path) -> dict:
