@@ -15,6 +15,7 @@ import torch
 from conftest import PerceiverLiteModelTester
 from perceiver_lite import (
     PerceiverLiteForAudioClassification,
+    PerceiverLiteForCausalLM,
     PerceiverLiteForDensePrediction,
     PerceiverLiteForImageClassification,
     PerceiverLiteForMaskedLM,
@@ -61,6 +62,12 @@ def class_ids(batch_size, *axes):
     return labels
 
 
+def causal_lm_inputs(batch_size):
+    """Token ids, their own labels, and left padding: the first sample's first two tokens."""
+    input_ids = torch.randint(0, VOCAB_SIZE, (batch_size, LENGTH))
+    return dict(input_ids=input_ids, attention_mask=padding_mask(batch_size, LENGTH).flip(-1), labels=input_ids)
+
+
 # name: (model class, config, inputs of a batch size); one head each, the label readings spread over them
 HEADS = {
     "base": (PerceiverLiteModel, image_config, lambda b: dict(inputs=torch.randn(b, 3, *GRID),
@@ -83,6 +90,7 @@ HEADS = {
     ),
     "token": (PerceiverLiteForTokenClassification, token_config, lambda b: {**token_inputs(b), "labels": class_ids(b, LENGTH)}),
     "dense": (PerceiverLiteForDensePrediction, image_config, lambda b: {**image_inputs(b), "labels": class_ids(b, *GRID)}),
+    "causal-lm": (PerceiverLiteForCausalLM, lambda: token_config(position_encoding_type="rotary"), causal_lm_inputs),
 }
 
 
