@@ -1577,12 +1577,14 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
           width `E` first, as ALBERT's), `dim`, `heads`, `cross_heads`, feed-forward and dropout fields as elsewhere.
         The latents start from the token embeddings of their positions (through `latent_proj` where `dim != E`).
 
-    `forward(input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0)`:
-        - `input_ids` `(B, T)`, `T <= C` (longer is an error; `generate` keeps the last `C` tokens itself);
+    `forward(input_ids, attention_mask=None, labels=None, cache=None, use_cache=None, logits_to_keep=0,
+    inputs_embeds=None)`:
+        - `input_ids` `(B, T)`, `T <= C` (longer is an error; `generate` keeps the last `C` tokens itself), or
+          `inputs_embeds` `(B, T, E)`, the tokens' embeddings (soft prompts: PEFT's prompt tuning passes them);
         - `attention_mask` `(B, T)` (with a cache: `(B, cache.get_seq_length() + T)`), left padding only: 0s, then 1s;
         - `labels` `(B, T)`: the `input_ids` (-100 not scored); shifted inside, as in transformers' causal LMs;
-        - returns `CausalLMOutputWithCrossAttentions`: `logits` `(B, K, vocab_size)` for the last `K` positions: the latent
-          positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
+        - returns `CausalLMOutputWithCrossAttentions`: `logits` `(B, K, vocab_size)` for the last `K` positions: the
+          latent positions among the given tokens, `K = min(T, N)` (with a cache: `min(T, N)` of the new tokens); `loss`
           the mean next-token cross-entropy of those positions (the last has no target in the input); `cache`;
         - `logits_to_keep=n`: the last `n` of those `K` positions alone (0: all), as transformers' causal LMs;
         - `output_hidden_states=True`: `hidden_states`, the latents `(B, Q, dim)` of the `Q` positions the latent
@@ -1633,7 +1635,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("text",)
     pipeline_tag = "text-generation"
-    _can_record_outputs = {  # the hidden states are collected by `_latents` (a reused cross-attend runs for some queries)
+    _can_record_outputs = {  # the hidden states: collected by `_latents` (a reused cross-attend runs for some queries)
         "attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="self_attention"),
         "cross_attentions": OutputRecorder(PerceiverLiteAttention, index=1, layer_name="cross_attention"),
     }
@@ -1904,19 +1906,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
     def _check_causal_inputs(self, input_ids, inputs_embeds, attention_mask, labels, cache):
         """Inputs, mask, labels and cache, before any compute; returns the cache to use (None for an empty foreign
         `Cache`, which the forward replaces)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`")
-        if input_ids is not None:
-            check_token_ids(input_ids, self.config.vocab_size)
-            name, inputs = "input_ids", input_ids
-        else:
-            width = self.config.data_shape[0]
-            expected = f"[B, T, embedding width data_shape[0]={width}]"
-            check_tensor("inputs_embeds", inputs_embeds, expected, ndim=3, floating=True, dtype=self.dtype)
-            if inputs_embeds.shape[-1] != width:
-                raise ValueError(f"`inputs_embeds` must have shape {expected}, got {list(inputs_embeds.shape)}")
-            name, inputs = "inputs_embeds", inputs_embeds
-        batch_size, length = inputs.shape[:2]
+        # the token heads' checks of the inputs; the mask covers the cached tokens too, checked below
+        batch_size, length = check_token_inputs(self.config, input_ids, inputs_embeds, None, self.dtype)
+        name, inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
         if cache is not None and not isinstance(cache, PerceiverLiteCausalLMCache):
             if cache.get_seq_length() > 0:
                 raise TypeError(

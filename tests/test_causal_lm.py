@@ -633,7 +633,7 @@ BAD_INPUTS = {
     ),
     "neither": (dict(attention_mask=torch.ones(2, 5)), ValueError, r"exactly one of `input_ids` and `inputs_embeds`"),
     "embeddings width": (
-        dict(inputs_embeds=torch.zeros(2, 5, 24)), ValueError, r"inputs_embeds.*\[B, T, embedding width data_shape\[0\]=16\].*\[2, 5, 24\]"
+        dict(inputs_embeds=torch.zeros(2, 5, 24)), ValueError, r"inputs_embeds.*\[B, T, data_shape\[0\]=16\].*\[2, 5, 24\]"
     ),
     "embeddings rank": (dict(inputs_embeds=torch.zeros(2, 16)), ValueError, r"inputs_embeds"),
     "embeddings too long": (
