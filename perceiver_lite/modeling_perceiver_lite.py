@@ -20,6 +20,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -1397,11 +1398,15 @@ class PerceiverLiteCausalLMCache(Cache):
     - `seen_tokens`: the number of tokens processed, `get_seq_length()`.
 
     Beam search reorders it (`reorder_cache`); `batch_repeat_interleave` and `batch_select_indices` act on every part.
-    The model makes one itself where `generate` or `use_cache=True` needs it; `PerceiverLiteSlidingCausalLMCache` is
-    the approximate variant a user passes to trade exactness for speed.
+    transformers rolls it back where the model drafts for another model (assisted decoding): after
+    `activate_past_recording()` it keeps every state since the last `crop` beyond the windows, and `crop(-n)` forgets
+    the last `n` tokens as if they had not come, then keeps the windows alone (transformers' sliding-window layers do
+    the same). The model makes one itself where `generate` or `use_cache=True` needs it;
+    `PerceiverLiteSlidingCausalLMCache` is the approximate variant a user passes to trade exactness for speed.
     """
 
     slides_latent_states = False  # the latents' keys and values are dropped once the latent window is full
+    is_croppable = True
 
     def __init__(self, config: PerceiverLiteConfig):
         self.context_blocks = [block for block in range(len(config.num_latent_transformers_in_layers))
@@ -1413,6 +1418,8 @@ class PerceiverLiteCausalLMCache(Cache):
         self.token_embeddings: torch.Tensor | None = None
         self.cross_states: torch.Tensor | None = None
         self.seen_tokens = 0
+        self.record_past = False
+        self.recorded_tokens = 0  # tokens seen since recording began or the last `crop`: what `crop` can remove
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -1422,22 +1429,23 @@ class PerceiverLiteCausalLMCache(Cache):
         the last `window` positions (the context window)."""
         layer = self.layers[self.context_blocks.index(block)]
 
-        def update(key, value):
-            key, value = layer.update(key, value)  # (B, H, kept + new, D)
-            layer.keys, layer.values = key[:, :, -window:], value[:, :, -window:]  # (B, H, window, D)
-            return layer.keys, layer.values
-
-        return update
+        return self._windowed_update(layer, window)
 
     def latent_update(self, index: int):
         """The `cache_update` of the `index`-th latent self-attention layer run: appends the new latents' keys and
         values and keeps the last `num_latent_tokens` (the latent window)."""
-        layer = self.layers[len(self.context_blocks) + index]
+        return self._windowed_update(self.layers[len(self.context_blocks) + index], self.latent_window)
+
+    def _windowed_update(self, layer: DynamicLayer, window: int):
+        """A `cache_update` that appends to `layer` and returns its last `window` positions' keys and values, the
+        ones it keeps (all of them while recording the past)."""
 
         def update(key, value):
             key, value = layer.update(key, value)  # (B, H, kept + new, D)
-            layer.keys, layer.values = key[:, :, -self.latent_window :], value[:, :, -self.latent_window :]
-            return layer.keys, layer.values
+            key, value = key[:, :, -window:], value[:, :, -window:]  # (B, H, <= window, D)
+            if not self.record_past:
+                layer.keys, layer.values = key, value
+            return key, value
 
         return update
 
@@ -1450,18 +1458,60 @@ class PerceiverLiteCausalLMCache(Cache):
         """How many of a forward's `num_queries` latents (the last positions of `total` tokens, `num_new` of them new)
         can take their first cross-attend's output from `cross_states`: those before the new tokens, while the
         context window starts at the first token."""
-        if self.cross_states is None or total > self.context_window:
-            return 0
-        return num_queries - min(num_new, num_queries)
+        reusable = num_queries - min(num_new, num_queries)
+        if self.cross_states is None or total > self.context_window or self.cross_states.shape[1] < reusable:
+            return 0  # (after a `crop` back from past the context window, it may hold fewer than the window's)
+        return reusable
 
     def keep_cross_states(self, states: torch.Tensor, total: int):
-        """Appends the first cross-attend's outputs `states` `(B, new, dim)` of the newest positions, keeping the
-        latent window's; forgets them once the context window slides past the first token (`total` tokens seen)."""
+        """Keeps the first cross-attend's outputs `states` `(B, new, dim)` of the newest positions: appended to the
+        kept ones, or instead of them where `states` covers the latent window; forgets them once the context window
+        slides past the first token (`total` tokens seen)."""
         if total > self.context_window:
             self.cross_states = None
             return
-        states = states if self.cross_states is None else torch.cat([self.cross_states, states], dim=1)
-        self.cross_states = states[:, -self.latent_window :]  # (B, <= N, dim)
+        if self.cross_states is not None and states.shape[1] < min(total, self.latent_window):
+            states = torch.cat([self.cross_states, states], dim=1)  # (B, kept + new, dim)
+        self.cross_states = states if self.record_past else states[:, -self.latent_window :]  # (B, <= N, dim)
+
+    def keep_tokens(self, embeddings: torch.Tensor, total: int, num_new: int):
+        """After a forward of `num_new` tokens: `total` tokens seen, `embeddings` `(B, kept + new, E)` the token
+        embeddings of the last positions (the latent window's kept, all of them while recording the past)."""
+        self.seen_tokens, self.recorded_tokens = total, self.recorded_tokens + num_new
+        self.token_embeddings = embeddings if self.record_past else embeddings[:, -self.latent_window :]
+
+    def activate_past_recording(self, **kwargs):
+        """Keeps every state from now on beyond the windows until the next `crop`, which can then remove tokens
+        (assisted decoding's draft tokens the model rejected)."""
+        self.record_past, self.recorded_tokens = True, 0
+
+    def crop(self, tokens_to_remove: int):
+        """Forgets the last `-tokens_to_remove` tokens (transformers' convention: a count <= 0), as if they had not
+        been seen, then keeps the windows alone: the last `data_shape[1]` positions' context keys and values, the last
+        `num_latent_tokens` latents'. What was dropped past a window stays dropped (the latents' keys and values once
+        the latent window was full, `cross_states` once the context window slid): the next forward recomputes it."""
+        if type(tokens_to_remove) is not int or tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes minus the number of tokens to remove (an int <= 0), got {tokens_to_remove!r}"
+            )
+        remove = -tokens_to_remove
+        if remove > self.recorded_tokens or (remove and not self.record_past):
+            raise ValueError(
+                f"`crop({tokens_to_remove})`: the cache can remove the tokens seen since `activate_past_recording()` "
+                f"or the last `crop` ({self.recorded_tokens if self.record_past else 0})"
+            )
+        self.seen_tokens, self.recorded_tokens = self.seen_tokens - remove, 0
+        windows = [self.context_window] * len(self.context_blocks)
+        for layer, window in zip(self.layers, windows + [self.latent_window] * len(self.layers)):
+            if layer.is_initialized:
+                layer.keys = layer.keys[:, :, : layer.keys.shape[2] - remove][:, :, -window:]  # (B, H, <= window, D)
+                layer.values = layer.values[:, :, : layer.values.shape[2] - remove][:, :, -window:]
+        if self.token_embeddings is not None:
+            self.token_embeddings = self.token_embeddings[:, : self.token_embeddings.shape[1] - remove]
+            self.token_embeddings = self.token_embeddings[:, -self.latent_window :]  # (B, <= N, E)
+        if self.cross_states is not None:
+            kept = self.cross_states.shape[1] - remove
+            self.cross_states = self.cross_states[:, :kept][:, -self.latent_window :] if kept > 0 else None
 
     def drop_latent_states(self):
         """Frees the latents' self-attention keys and values (stale once the latent window is full)."""
@@ -1787,15 +1837,18 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         total = past + length
         window, num_latents = min(total, config.data_shape[1]), min(total, config.num_latent_tokens)
         # Incremental: the new positions alone run the latent stack, beside the cached latents' keys and values; exact
-        # while no latent has left the window yet, and the sliding cache's approximation after
-        incremental = cache is not None and (total <= config.num_latent_tokens or cache.slides_latent_states)
+        # while no latent has left the window yet (and the cache holds every earlier one's: a `crop` back from past the
+        # window has none), and the sliding cache's approximation after
+        incremental = cache is not None and (
+            cache.slides_latent_states or (total <= config.num_latent_tokens and cache.cached_latents() == past)
+        )
         num_queries = min(length, config.num_latent_tokens) if incremental else num_latents
         num_outputs = min(length, num_queries, logits_to_keep or length)  # K: the positions whose logits are returned
         num_latent_keys = num_queries  # the self-attention's keys: the latents, cached ones included
         if incremental:
             num_latent_keys = min(cache.cached_latents() + num_queries, config.num_latent_tokens)
-        recent = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
-        recent = recent[:, -config.num_latent_tokens :]  # (B, <= N, E)
+        history = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
+        recent = history[:, -config.num_latent_tokens :]  # (B, <= N, E)
         device = embeds.device
         query_positions = torch.arange(window - num_queries, window, device=device)[None]  # (1, Q)
         key_positions = torch.arange(window, device=device)[None]  # (1, W)
@@ -1811,6 +1864,8 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         latent_valid = None if valid is None else valid[:, -num_latent_keys:]
         cross_mask = causal_key_mask(query_positions, key_positions, valid)  # (B or 1, 1, Q, W)
         latent_mask = causal_key_mask(query_positions, latent_keys, latent_valid)  # (B or 1, 1, Q, L)
+        # recomputed latents' keys and values: kept where every position is a latent (the latent window not yet full)
+        keep_latent_states = incremental or (cache is not None and total <= config.num_latent_tokens)
         if cache is not None and not incremental:
             cache.drop_latent_states()
 
@@ -1855,7 +1910,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                     cache.keep_cross_states(fresh, total)
                 record(hidden_states)
             for layer in block.layers:
-                update = cache.latent_update(latent_layer) if incremental else None
+                update = cache.latent_update(latent_layer) if keep_latent_states else None
                 rotary_angles = rotary("latent", layer.self_attention)
                 last = step == len(config.layers_indice) - 1 and layer is block.layers[-1]
                 outputs = num_outputs if last and all_hidden_states is None else None
@@ -1863,7 +1918,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                 record(hidden_states)
                 latent_layer += 1
         if cache is not None:
-            cache.seen_tokens, cache.token_embeddings = total, recent
+            cache.keep_tokens(history, total, length)
         return hidden_states[:, -num_outputs:]  # (B, K, dim)
 
     def _cross_attend(self, layer, hidden_states, context, context_ids, mask, rotary_angles, update, table_key_values):
@@ -1933,6 +1988,30 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         if labels is not None:
             check_labels(labels, batch_size, self.config.vocab_size, "single_label_classification", (length,))
         return cache
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        """transformers' checks, after refusing assisted decoding: it takes the logits of several drafted tokens from
+        one forward, and here a position's prediction depends on the latent window that ends at it (the full forward
+        of the sequence up to it), which that forward's other positions do not share once the window is full; the
+        tokens would differ from greedy decoding's. This model can be the assistant of another model."""
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "PerceiverLiteForCausalLM does not verify drafted tokens (`assistant_model`, `prompt_lookup_num_tokens`"
+                " or another assisted decoding): a position's prediction depends on the latent window ending at it, so "
+                "one forward cannot score several drafts as token-by-token decoding would; generate without them (it "
+                "can be the assistant of another model)"
+            )
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """transformers' checks of a given cache; then, where `generate` uses a cache and none was given, this model's
+        own (`PerceiverLiteCausalLMCache`: transformers' default would be a `DynamicCache`), recording its past when
+        this model is another model's assistant (assisted decoding crops the drafts that model rejected)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if model_kwargs.get("cache") is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = PerceiverLiteCausalLMCache(self.config)
+            if generation_config.is_assistant:
+                model_kwargs["cache"].activate_past_recording()
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
                                       inputs_embeds=None, **kwargs):  # fmt: skip

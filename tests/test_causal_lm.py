@@ -511,6 +511,142 @@ def test_past_key_values_is_the_cache_under_its_old_name():
     torch.testing.assert_close(step.logits[:, -1], model(ids).logits[:, -1], rtol=1e-10, atol=1e-10)
 
 
+def cache_state(cache) -> dict:
+    """Everything a cache carries into the next forward."""
+    layers = {f"layer {i}": (layer.keys, layer.values) for i, layer in enumerate(cache.layers) if layer.is_initialized}
+    return {"seen": cache.seen_tokens, "embeddings": cache.token_embeddings, "cross": cache.cross_states, **layers}
+
+
+def assert_same_state(cache, expected, may_drop: bool = False):
+    """Every part equal. With `may_drop`, `cache` may lack the latents' keys and values and the first cross-attend's
+    outputs that `expected` holds (the exact cache forgets them once past the windows, and recomputes them)."""
+    state, expected_state = cache_state(cache), cache_state(expected)
+    latent_parts = {f"layer {i}" for i in range(len(cache.context_blocks), len(cache.layers))}
+    for name, expected_part in expected_state.items():
+        if may_drop and (name in latent_parts or name == "cross") and state.get(name) is None:
+            continue
+        torch.testing.assert_close(state[name], expected_part, rtol=1e-12, atol=1e-12)
+    assert state.keys() <= expected_state.keys()
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize("cache_class", [PerceiverLiteCausalLMCache, PerceiverLiteSlidingCausalLMCache])
+@pytest.mark.parametrize("prompt_length", [2, LATENTS - 1, 7, CONTEXT - 2, CONTEXT])
+@pytest.mark.parametrize("remove", [0, 2, 5])
+def test_crop_forgets_the_last_tokens(kind, cache_class, prompt_length, remove):
+    """After `activate_past_recording()`, 5 tokens one at a time (an assistant's drafts), then `crop(-remove)`: the
+    cache is the one that never saw the removed tokens (every part, across the latent window and the context), and
+    the next steps' logits are that cache's (for the exact cache: a full forward's)."""
+    model = tiny_model(kind)
+    ids = random_ids(2, prompt_length + 11)
+    recorded, expected = cache_class(model.config), cache_class(model.config)
+    kept = prompt_length + 5 - remove
+
+    def feed(cache, start, stop):
+        with torch.no_grad():
+            return [model(ids[:, p : p + 1], cache=cache, use_cache=True).logits[:, -1] for p in range(start, stop)]
+
+    with torch.no_grad():
+        model(ids[:, :prompt_length], cache=recorded, use_cache=True)
+        model(ids[:, :prompt_length], cache=expected, use_cache=True)
+    recorded.activate_past_recording()
+    feed(recorded, prompt_length, prompt_length + 5)
+    recorded.crop(-remove)
+    feed(expected, prompt_length, kept)
+    assert_same_state(recorded, expected, may_drop=cache_class is PerceiverLiteCausalLMCache)
+    ids[:, kept:] = random_ids(2, ids.shape[1] - kept)  # other tokens than the removed ones come next
+    for step, expected_step in zip(feed(recorded, kept, kept + 6), feed(expected, kept, kept + 6), strict=True):
+        torch.testing.assert_close(step, expected_step, rtol=1e-10, atol=1e-10)
+    if cache_class is PerceiverLiteCausalLMCache:
+        with torch.no_grad():
+            full = model(ids[:, max(0, kept + 6 - CONTEXT) : kept + 6]).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("remove", [3, 5])
+def test_crop_of_a_several_token_forward_across_the_latent_window(remove):
+    """One forward of 6 tokens from 2 seen (past the latent window of 4: the latents' keys and values are dropped, and
+    the first cross-attend runs for the whole window), cropped back to 5 or 3 tokens: every next step is the full
+    forward's, and where every position is a latent again the cache keeps their states again."""
+    model = tiny_model()
+    ids = random_ids(2, 12)
+    cache = PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        model(ids[:, :2], cache=cache, use_cache=True)
+        cache.activate_past_recording()
+        model(ids[:, 2:8], cache=cache, use_cache=True)
+        cache.crop(-remove)
+        assert cache.get_seq_length() == 8 - remove and cache.cached_latents() == 0
+        for position in range(8 - remove, 12):
+            step = model(ids[:, position : position + 1], cache=cache, use_cache=True).logits[:, -1]
+            torch.testing.assert_close(step, model(ids[:, : position + 1]).logits[:, -1], rtol=1e-10, atol=1e-10)
+            assert cache.cached_latents() == (LATENTS if position < LATENTS else 0)
+
+
+def test_crop_errors():
+    model = tiny_model()
+    cache = PerceiverLiteCausalLMCache(model.config)
+    with torch.no_grad():
+        model(random_ids(2, 5), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"crop.*int <= 0.*3"):
+        cache.crop(3)
+    with pytest.raises(ValueError, match=r"crop\(-1\).*activate_past_recording.*\(0\)"):
+        cache.crop(-1)
+    cache.crop(0)  # nothing to remove: allowed
+    cache.activate_past_recording()
+    with torch.no_grad():
+        model(random_ids(2, 2), cache=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"crop\(-3\).*\(2\)"):
+        cache.crop(-3)
+    assert cache.get_seq_length() == 7
+
+
+def test_assisted_decoding_is_refused_with_the_reason():
+    """Drafts scored by one forward would not be token-by-token decoding's predictions once the latent window is full
+    (a position's prediction depends on the window ending at it): refused, before any forward."""
+    model = tiny_model("paper")
+    ids = random_ids(1, LATENTS + 4)
+    with torch.no_grad():  # the premise: position -2 of a forward is not the forward up to it
+        assert not torch.allclose(model(ids).logits[:, -2], model(ids[:, :-1]).logits[:, -1])
+    for kwargs in (dict(assistant_model=tiny_model("paper")), dict(prompt_lookup_num_tokens=3)):
+        with pytest.raises(ValueError, match=r"does not verify drafted tokens.*latent window ending at it"):
+            generate(model, ids, **kwargs)
+
+
+def test_assistant_of_another_model_drafts_its_greedy_tokens(monkeypatch):
+    """As the assistant of a GPT-2 with the same byte vocabulary: the main model's tokens are its own greedy ones, and
+    every draft is this model's greedy continuation (a loop of full forwards) of the tokens accepted so far, through
+    a cache that the rejected drafts were cropped from."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.generation.candidate_generator import AssistedCandidateGenerator
+
+    torch.manual_seed(0)
+    main = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    main = main.to(torch.float64).eval()
+    assistant = tiny_model()
+    assistant.generation_config.update(  # 3 drafts a round, whatever its confidence
+        num_assistant_tokens=3, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0
+    )
+    drafts = []
+    get_candidates = AssistedCandidateGenerator.get_candidates
+
+    def recording(self, input_ids, **kwargs):
+        candidates, logits = get_candidates(self, input_ids, **kwargs)
+        drafts.append((input_ids, candidates))
+        return candidates, logits
+
+    monkeypatch.setattr(AssistedCandidateGenerator, "get_candidates", recording)
+    prompt = random_ids(1, 3)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assisted = main.generate(prompt, assistant_model=assistant, **kwargs)
+    assert torch.equal(assisted, main.generate(prompt, **kwargs))
+    assert len(drafts) > 2 and drafts[-1][0].shape[1] > CONTEXT  # several rounds, past the assistant's context
+    for accepted, candidates in drafts:
+        steps = candidates.shape[1] - accepted.shape[1]
+        assert steps == min(3, 3 + 24 - accepted.shape[1] - 1)
+        assert torch.equal(candidates, full_forward_loop(assistant, accepted, steps))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The sliding cache (approximate)
 # ---------------------------------------------------------------------------------------------------------------------
