@@ -39,7 +39,8 @@ records which of these each layer of the forward runs, and the functions below e
 - **One product for q, k and v** of the latent self-attention.
 - **Attention kernels** (`Kernel`): torch's fused kernels (the reference's sdpa path); `RecomputedAttention`, plain
   batched matmuls that keep nothing of size `(Lq, Lk)` for backward; `kept_probabilities_attention_forward` for the
-  latents' own small scores in half precision.
+  latents' own small scores in half precision, and for every attention with attention dropout in training on the CPU
+  (torch's kernel is then its math path: the same products and dropout draw, with more passes over the scores).
 - **Feed-forward** (`FeedForward`): the module; `RecomputedActivationMLP`, which keeps one `(B, N, ff_dim)` tensor for
   backward instead of two; the activation in place where autograd records nothing.
 - **Gradient checkpointing** (`FastPlan.checkpointing`): each layer through its checkpointing function.
@@ -343,9 +344,10 @@ def fast_plan(module: nn.Module, inputs: torch.Tensor, attention_mask=None, quer
     if len(checkpointing) > 1:  # some layers only: not a state the fast paths were proven in
         return None
     checkpointing = module.training and torch.is_grad_enabled() and checkpointing == {True}
-    dropout = module.training and config.attention_dropout > 0  # drawn by torch's kernels, as in the reference
+    dropout = module.training and config.attention_dropout > 0
     own_kernels = device.type in OWN_KERNEL_DEVICES and not dropout
-    routes = _Routes(module, own_kernels, dtype != torch.float32, needs_grad, checkpointing)
+    kept_dropout = device.type in OWN_KERNEL_DEVICES and dropout
+    routes = _Routes(module, own_kernels, kept_dropout, dtype != torch.float32, needs_grad, checkpointing)
     if "lm_head" in module._modules:
         return routes.causal_lm(inputs, autocast)
     if "blocks" in module._modules:
@@ -362,21 +364,28 @@ KEPT_SCORES_BUDGET = 1 << 22  # the most scores a half-precision self-attention 
 @dataclasses.dataclass
 class _Routes:
     """The routes of each kind of layer, for `fast_plan`: `own_kernels` (the matmul kernels may replace torch's fused
-    ones: on the CPU, without attention dropout), `half` (products in half precision), `needs_grad` (autograd records
-    the forward), `checkpointing`."""
+    ones: on the CPU, without attention dropout), `kept_dropout` (attention dropout in training on the CPU: every
+    attention keeps its probabilities), `half` (products in half precision), `needs_grad` (autograd records the
+    forward), `checkpointing`."""
 
     module: nn.Module
     own_kernels: bool
+    kept_dropout: bool
     half: bool
     needs_grad: bool
     checkpointing: bool
 
     def kernel(self, attention, scores: int, keys_need_grad: bool) -> Kernel:
-        """With the matmul kernels: for a self-attention in half precision whose `scores` `(B H Lq Lk)` fit
+        """With attention dropout in training on the CPU, kept probabilities: torch's fused kernel does not take
+        dropout there, and its math path computes the same products and draw with more passes over the scores (a
+        masked-row check, two scalings). With the matmul kernels: for a self-attention in half precision whose
+        `scores` `(B H Lq Lk)` fit
         `KEPT_SCORES_BUDGET` (8 MiB: the latents' own, never the inputs'), kept probabilities; in half precision
         (bfloat16 / float16 matmuls run on the CPU's matrix instructions, the fused kernel's blocks do not), or where
         only the query needs a gradient (the fused kernel's backward computes all three), `RecomputedAttention`.
         Otherwise torch's fused kernels."""
+        if self.kept_dropout:
+            return Kernel.KEPT
         if not self.own_kernels:
             return Kernel.SDPA
         if self.half and not attention.is_cross_attention and scores <= KEPT_SCORES_BUDGET:
@@ -658,19 +667,24 @@ def cross_attention(attention, route: LayerRoute, hidden_states, key, value, pad
 
 def attend(attention, kernel: Kernel, query, key, value, padding_mask) -> torch.Tensor:
     """Attention of `query` `(B, H, Lq, D)` to `key` and `value` `(B, H, Lk, D)` through `kernel`: `(B, Lq, H, D)`."""
+    dropout = attention.attention_dropout if attention.training else 0.0
     if kernel is Kernel.KEPT:
-        return kept_probabilities_attention_forward(query * attention.scaling, key, value, padding_mask)
+        return kept_probabilities_attention_forward(query * attention.scaling, key, value, padding_mask, dropout)
     if kernel is Kernel.RECOMPUTED:
         attn_output = RecomputedAttention.apply(query, key, value, padding_mask, attention.scaling)
         return attn_output.transpose(1, 2)  # (B, Lq, H, D)
-    dropout = attention.attention_dropout if attention.training else 0.0
     sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
     return sdpa(attention, query, key, value, padding_mask, dropout=dropout, scaling=attention.scaling)[0]
 
 
-def kept_probabilities_attention_forward(scaled_query, key, value, padding_mask) -> torch.Tensor:
-    """Softmax attention through autograd's batched matmuls, which keeps the probabilities for backward: `(B, Lq, H, D)`."""
-    return torch.matmul(attention_probabilities(scaled_query, key, padding_mask), value).transpose(1, 2)
+def kept_probabilities_attention_forward(scaled_query, key, value, padding_mask, dropout: float = 0.0) -> torch.Tensor:
+    """Softmax attention through autograd's batched matmuls, which keeps the probabilities for backward: `(B, Lq, H, D)`.
+    `dropout` > 0: on the probabilities, one draw of their shape, as the reference's eager path and torch's math kernel
+    draw it (the same random numbers in training)."""
+    probabilities = attention_probabilities(scaled_query, key, padding_mask)  # (B, H, Lq, Lk)
+    if dropout > 0:
+        probabilities = nn.functional.dropout(probabilities, dropout, training=True)
+    return torch.matmul(probabilities, value).transpose(1, 2)
 
 
 def masked_softmax(scores: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -39,8 +39,9 @@ short measurements (inference, and the matmul products that give this machine's 
 Peak memory is the rise above the pre-step baseline. On a GPU that is `torch.cuda.max_memory_allocated` minus the
 allocated memory before the step. On the CPU torch keeps no allocator statistics, so each model is measured in a fresh
 child process whose allocator returns every large block to the OS on free (`MALLOC_MMAP_THRESHOLD_`, so the resident
-set follows live memory): after a warm-up step (optimizer state allocated, gradients freed) the kernel's resident-set
-high-water mark is reset through `/proc/self/clear_refs` and read back from `/proc/self/status` after one more step.
+set follows live memory): after a warm-up step (optimizer state allocated, gradients freed) and `malloc_trim(0)` (the
+heap's free pages returned, so that small blocks of the step count too) the kernel's resident-set high-water mark is
+reset through `/proc/self/clear_refs` and read back from `/proc/self/status` after one more step.
 
 Times depend on the C allocator as well as the kernels. glibc serves a block above its mmap threshold (at most 32 MiB)
 with a fresh mapping whose pages fault in on first touch, each step again: a float32 `[8, 4096, 256]` tensor (32 MiB)
@@ -572,6 +573,7 @@ def _peak_memory_here(name: str, setup: Setup, device: str, dtype: str) -> float
         runner.train_step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - baseline) / 2**20
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # free heap pages back: the step must fault its own in
     baseline = _resident_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set high-water mark (VmHWM)
     runner.train_step()

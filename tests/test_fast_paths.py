@@ -393,10 +393,13 @@ def test_fast_paths_step_aside_for_a_subclass_of_a_package_module(model_tester, 
 
 
 def test_fast_paths_serve_dropout_with_the_reference_random_numbers(model_tester):
-    """Attention and feed-forward dropout in training draw the same random numbers as the reference."""
+    """Attention and feed-forward dropout in training draw the same random numbers as the reference (its sdpa path:
+    torch's math kernel), the attentions through kept probabilities."""
     model = make_model(model_tester.get_config(ff_dropout=0.3, attention_dropout=0.3)).train()
     inputs = model_tester.prepare_inputs()
-    assert plan_of(model).latent_layer.self_attention is fast.Kernel.SDPA  # torch's kernel draws the dropout
+    plan = plan_of(model)
+    assert plan.latent_layer.self_attention is fast.Kernel.KEPT
+    assert {route.cross_attention for route in plan.cross_layers if route is not None} == {fast.Kernel.KEPT}
 
     def run(use_fast_paths: bool):
         model.config.use_fast_paths = use_fast_paths
@@ -885,7 +888,7 @@ def test_training_feed_forward_recomputes_its_activation(model_tester, hidden_ac
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, **(tolerance if autocast_dtype else dict(rtol=1e-5, atol=1e-6)))
     assert len(expected_saved) >= 2 and len(saved) == 1
-    routes = fast._Routes(mlp, own_kernels=True, half=False, needs_grad=True, checkpointing=False)
+    routes = fast._Routes(mlp, own_kernels=True, kept_dropout=False, half=False, needs_grad=True, checkpointing=False)
     monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features)
     assert routes.feed_forward(mlp, 3 * 5) is fast.FeedForward.RECOMPUTED
     monkeypatch.setattr(fast, "RECOMPUTE_MIN_ELEMENTS", 3 * 5 * mlp.fc1.out_features + 1)
