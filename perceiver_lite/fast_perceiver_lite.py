@@ -379,11 +379,10 @@ class _Routes:
         """With attention dropout in training on the CPU, kept probabilities: torch's fused kernel does not take
         dropout there, and its math path computes the same products and draw with more passes over the scores (a
         masked-row check, two scalings). With the matmul kernels: for a self-attention in half precision whose
-        `scores` `(B H Lq Lk)` fit
-        `KEPT_SCORES_BUDGET` (8 MiB: the latents' own, never the inputs'), kept probabilities; in half precision
-        (bfloat16 / float16 matmuls run on the CPU's matrix instructions, the fused kernel's blocks do not), or where
-        only the query needs a gradient (the fused kernel's backward computes all three), `RecomputedAttention`.
-        Otherwise torch's fused kernels."""
+        `scores` `(B H Lq Lk)` fit `KEPT_SCORES_BUDGET` (8 MiB: the latents' own, never the inputs'), kept
+        probabilities; in half precision (bfloat16 / float16 matmuls run on the CPU's matrix instructions, the fused
+        kernel's blocks do not), or where only the query needs a gradient (the fused kernel's backward computes all
+        three), `RecomputedAttention`. Otherwise torch's fused kernels."""
         if self.kept_dropout:
             return Kernel.KEPT
         if not self.own_kernels:
@@ -678,9 +677,9 @@ def attend(attention, kernel: Kernel, query, key, value, padding_mask) -> torch.
 
 
 def kept_probabilities_attention_forward(scaled_query, key, value, padding_mask, dropout: float = 0.0) -> torch.Tensor:
-    """Softmax attention through autograd's batched matmuls, which keeps the probabilities for backward: `(B, Lq, H, D)`.
-    `dropout` > 0: on the probabilities, one draw of their shape, as the reference's eager path and torch's math kernel
-    draw it (the same random numbers in training)."""
+    """Softmax attention through autograd's batched matmuls, which keeps the probabilities for backward:
+    `(B, Lq, H, D)`. `dropout` > 0: on the probabilities, one draw of their shape, as the reference's eager path and
+    torch's math kernel draw it (the same random numbers in training)."""
     probabilities = attention_probabilities(scaled_query, key, padding_mask)  # (B, H, Lq, Lk)
     if dropout > 0:
         probabilities = nn.functional.dropout(probabilities, dropout, training=True)

@@ -1847,7 +1847,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         num_latent_keys = num_queries  # the self-attention's keys: the latents, cached ones included
         if incremental:
             num_latent_keys = min(cache.cached_latents() + num_queries, config.num_latent_tokens)
-        history = embeds if cache is None or cache.token_embeddings is None else torch.cat([cache.token_embeddings, embeds], 1)
+        history = embeds  # (B, kept + T, E): the cache's kept token embeddings, then the new ones
+        if cache is not None and cache.token_embeddings is not None:
+            history = torch.cat([cache.token_embeddings, embeds], dim=1)
         recent = history[:, -config.num_latent_tokens :]  # (B, <= N, E)
         device = embeds.device
         query_positions = torch.arange(window - num_queries, window, device=device)[None]  # (1, Q)
