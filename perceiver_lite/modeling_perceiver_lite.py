@@ -1501,17 +1501,20 @@ class PerceiverLiteCausalLMCache(Cache):
                 f"or the last `crop` ({self.recorded_tokens if self.record_past else 0})"
             )
         self.seen_tokens, self.recorded_tokens = self.seen_tokens - remove, 0
-        windows = [self.context_window] * len(self.context_blocks)
-        for layer, window in zip(self.layers, windows + [self.latent_window] * len(self.layers)):
+
+        def cut(states: torch.Tensor, window: int) -> torch.Tensor:
+            """`states` `(..., positions, D)` without the last `remove` positions: the last `window` of the others."""
+            return states[..., : states.shape[-2] - remove, :][..., -window:, :]  # (..., <= window, D)
+
+        for index, layer in enumerate(self.layers):
             if layer.is_initialized:
-                layer.keys = layer.keys[:, :, : layer.keys.shape[2] - remove][:, :, -window:]  # (B, H, <= window, D)
-                layer.values = layer.values[:, :, : layer.values.shape[2] - remove][:, :, -window:]
+                window = self.context_window if index < len(self.context_blocks) else self.latent_window
+                layer.keys, layer.values = cut(layer.keys, window), cut(layer.values, window)  # (B, H, <= window, D)
         if self.token_embeddings is not None:
-            self.token_embeddings = self.token_embeddings[:, : self.token_embeddings.shape[1] - remove]
-            self.token_embeddings = self.token_embeddings[:, -self.latent_window :]  # (B, <= N, E)
+            self.token_embeddings = cut(self.token_embeddings, self.latent_window)  # (B, <= N, E)
         if self.cross_states is not None:
-            kept = self.cross_states.shape[1] - remove
-            self.cross_states = self.cross_states[:, :kept][:, -self.latent_window :] if kept > 0 else None
+            rows = self.cross_states.shape[1]
+            self.cross_states = cut(self.cross_states, self.latent_window) if rows > remove else None  # (B, <= N, dim)
 
     def drop_latent_states(self):
         """Frees the latents' self-attention keys and values (stale once the latent window is full)."""
