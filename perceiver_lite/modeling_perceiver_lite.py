@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 from transformers.utils import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_perceiver_lite import PerceiverLiteConfig
@@ -47,6 +47,7 @@ from .fast_perceiver_lite import (
 )
 from .validation_perceiver_lite import (
     check_grid,
+    check_keywords,
     check_labels,
     check_mask,
     check_tensor,
@@ -633,6 +634,9 @@ class PerceiverLitePreTrainedModel(PreTrainedModel):
     base_model_prefix = "perceiver"
     main_input_name = "inputs"
     supports_gradient_checkpointing = True
+    # False: Trainer divides each accumulated batch's mean loss by the batches per step. The token heads take its count
+    # of labels instead (`num_items_in_batch`); the others cannot: multi-label and regression losses take no count,
+    # and the causal LM scores its latent positions alone, not every label that Trainer counts
     accepts_loss_kwargs = False
     _no_split_modules = ["PerceiverLiteLayer"]
     _supports_sdpa = True
@@ -780,7 +784,6 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.embeddings = value
 
-    @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
@@ -797,6 +800,7 @@ class PerceiverLiteModel(PerceiverLitePreTrainedModel):
         inputs_embeds (`torch.FloatTensor` of shape `(B, M, cross_kv_dim)`, *optional*):
             Cross-attention inputs that carry their own position features, instead of `inputs`.
         """
+        check_keywords(self, kwargs)
         self._check_inputs(inputs, attention_mask, inputs_embeds)
         reference = inputs_embeds if inputs is None else inputs
         if attention_mask is not None:
@@ -1032,6 +1036,7 @@ class PerceiverLiteForImageClassification(PerceiverLitePreTrainedModel):
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
+        check_keywords(self, kwargs)
         config = self.config
         self.perceiver._check_inputs(pixel_values, attention_mask, None, "pixel_values")
         if labels is not None:
@@ -1082,6 +1087,7 @@ class PerceiverLiteForSequenceClassification(PerceiverLitePreTrainedModel):
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
         """
+        check_keywords(self, kwargs)
         config = self.config
         batch_size, _ = check_token_inputs(config, input_ids, inputs_embeds, attention_mask, self.dtype)
         if labels is not None:
@@ -1129,6 +1135,7 @@ class PerceiverLiteForAudioClassification(PerceiverLitePreTrainedModel):
         labels (`torch.LongTensor` of shape `(B,)` or `torch.FloatTensor` of shape `(B, num_labels)`, *optional*):
             Class ids, multi-hot targets or regression targets, by `config.problem_type`.
         """
+        check_keywords(self, kwargs)
         config = self.config
         one_channel = config.data_shape[0] == 1
         if one_channel and isinstance(input_values, torch.Tensor) and input_values.dim() == 2:
@@ -1155,6 +1162,7 @@ class PerceiverLiteForMaskedLM(PerceiverLitePreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("text",)
     pipeline_tag = "fill-mask"
+    accepts_loss_kwargs = True  # Trainer passes `num_items_in_batch` (see `forward`)
     _tied_weights_keys = {"lm_head.weight": "embeddings.weight"}
 
     def __init__(self, config: PerceiverLiteConfig):
@@ -1187,6 +1195,7 @@ class PerceiverLiteForMaskedLM(PerceiverLitePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> PerceiverLiteDecoderOutput:
         r"""
@@ -1196,7 +1205,12 @@ class PerceiverLiteForMaskedLM(PerceiverLitePreTrainedModel):
             The original token ids where masked, -100 elsewhere (not scored).
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*): the labelled tokens of every batch that one
+            optimizer step accumulates, which `Trainer` passes: the loss is then the sum over this batch's divided by
+            it, so that accumulated batches weigh each labelled token alike, as one large batch does (without it, the
+            mean over this batch's).
         """
+        check_keywords(self, kwargs)
         config = self.config
         batch_size, length = check_token_inputs(
             config, input_ids, inputs_embeds, attention_mask, self.dtype, decoder=True
@@ -1212,7 +1226,11 @@ class PerceiverLiteForMaskedLM(PerceiverLitePreTrainedModel):
         if self.lm_transform is not None:
             decoded = self.lm_transform(decoded)  # (..., data_shape[0])
         logits = self.lm_head(decoded)  # (B, T, vocab_size), or (num_labelled, vocab_size)
-        loss = None if labels is None else self.loss_function(logits, labels, vocab_size=config.vocab_size)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits, labels, vocab_size=config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
         return PerceiverLiteDecoderOutput(
             loss=loss,
             logits=logits,
@@ -1229,6 +1247,7 @@ class PerceiverLiteForTokenClassification(PerceiverLitePreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("text",)
     pipeline_tag = "token-classification"
+    accepts_loss_kwargs = True  # Trainer passes `num_items_in_batch` (see `forward`)
 
     def __init__(self, config: PerceiverLiteConfig):
         check_one_dimensional(type(self).__name__, config)
@@ -1252,6 +1271,7 @@ class PerceiverLiteForTokenClassification(PerceiverLitePreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> PerceiverLiteDecoderOutput:
         r"""
@@ -1261,7 +1281,12 @@ class PerceiverLiteForTokenClassification(PerceiverLitePreTrainedModel):
             (padding, continuation pieces).
         inputs_embeds (`torch.FloatTensor` of shape `(B, T, data_shape[0])`, *optional*): token embeddings instead
             of `input_ids`.
+        num_items_in_batch (`torch.Tensor` or `int`, *optional*): the labelled tokens of every batch that one
+            optimizer step accumulates, which `Trainer` passes: the loss is then the sum over this batch's divided by
+            it, so that accumulated batches weigh each labelled token alike, as one large batch does (without it, the
+            mean over this batch's).
         """
+        check_keywords(self, kwargs)
         config = self.config
         batch_size, length = check_token_inputs(
             config, input_ids, inputs_embeds, attention_mask, self.dtype, decoder=True
@@ -1275,7 +1300,9 @@ class PerceiverLiteForTokenClassification(PerceiverLitePreTrainedModel):
             self.perceiver, self.decoder, inputs, attention_mask, labelled, **kwargs
         )  # decoded (B, T, decoder_dim), or (num_labelled, decoder_dim)
         logits = self.classifier(decoded)  # (B, T, num_labels), or (num_labelled, num_labels)
-        loss = None if labels is None else self.loss_function(logits, labels, config)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, config, num_items_in_batch=num_items_in_batch)
         return PerceiverLiteDecoderOutput(
             loss=loss,
             logits=logits,
@@ -1323,6 +1350,7 @@ class PerceiverLiteForDensePrediction(PerceiverLitePreTrainedModel):
             `config.problem_type`.
         attention_mask (`torch.Tensor` of shape `(B, *axes)` or `(B, M)`, *optional*): 1 for valid elements.
         """
+        check_keywords(self, kwargs)
         config = self.config
         self.perceiver._check_inputs(pixel_values, attention_mask, None, "pixel_values")
         batch_size, spatial_shape = pixel_values.shape[0], pixel_values.shape[2:]
@@ -1780,6 +1808,7 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         output_attentions (`bool`, *optional*): return the attention probabilities (`attentions`, `cross_attentions`;
             default `config.output_attentions`); needs `attn_implementation="eager"`.
         """
+        check_keywords(self, kwargs)
         if type(logits_to_keep) is not int or logits_to_keep < 0:
             raise TypeError(
                 f"`logits_to_keep` must be an int >= 0 (how many of the last positions' logits to return, 0 for all), "
@@ -1969,6 +1998,8 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         # the token heads' checks of the inputs; the mask covers the cached tokens too, checked below
         batch_size, length = check_token_inputs(self.config, input_ids, inputs_embeds, None, self.dtype)
         name, inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"`cache` must be a PerceiverLiteCausalLMCache (or None), got {type(cache).__name__}")
         if cache is not None and not isinstance(cache, PerceiverLiteCausalLMCache):
             if cache.get_seq_length() > 0:
                 raise TypeError(
@@ -2022,11 +2053,15 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
                                       inputs_embeds=None, **kwargs):  # fmt: skip
         """transformers' preparation, then the last `data_shape[1]` tokens where there are more (without a cache every
         step sees the last context window; with one, the prompt's), and the mask cut to the tokens seen and given.
-        A prompt given as `inputs_embeds` is the first step's input, as transformers prepares it."""
+        A prompt given as `inputs_embeds` is the first step's input, as transformers prepares it. `position_ids`
+        (which transformers passes to an assistant model, counted from each row's first unpadded token) are dropped:
+        the rotary positions count from the first token of the input, and only their differences, the same in both,
+        enter a query-key product."""
         inputs = super().prepare_inputs_for_generation(
             input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
             inputs_embeds=inputs_embeds, **kwargs,
         )  # fmt: skip
+        inputs.pop("position_ids", None)
         name = "input_ids" if inputs.get("input_ids") is not None else "inputs_embeds"
         inputs[name] = inputs[name][:, -self.config.data_shape[1] :]  # (B, <= C) or (B, <= C, E)
         if inputs.get("attention_mask") is not None:

@@ -8,7 +8,20 @@ would be a data-dependent branch of the traced graph. Messages are written only 
 trace into one graph under `torch.compile(fullgraph=True, dynamic=True)`, where shapes are symbols.
 """
 
+import difflib
+import inspect
+
 import torch
+
+
+# The keyword arguments a forward takes beyond its own parameters: what transformers' output decorators read
+FORWARD_OPTIONS = ("output_attentions", "output_hidden_states", "return_dict")
+# Other models' inputs, and why these models do without them
+FOREIGN_INPUTS = {
+    "position_ids": "positions come from the inputs' order",
+    "token_type_ids": "no token types; a tokenizer that returns them takes "
+    "model_input_names=['input_ids', 'attention_mask']",
+}
 
 
 def is_tracing() -> bool:
@@ -36,6 +49,33 @@ def tensor_hint(name: str, value) -> str:
     """How to turn a non-tensor `value` of argument `name` into a tensor."""
     converter = "torch.from_numpy" if type(value).__module__ == "numpy" else "torch.tensor"
     return f"; pass a tensor, e.g. {converter}({name})"
+
+
+def check_keywords(model, kwargs: dict):
+    """Raise a `TypeError` for a keyword argument that the forward of `model` neither names nor reads
+    (`FORWARD_OPTIONS`): a typo such as `attenion_mask=`, or an input of other models (`FOREIGN_INPUTS`), would
+    otherwise be carried in `**kwargs` and dropped silently. The message names each, with the parameter it is
+    closest to or why the model does without it."""
+    unknown = [name for name in kwargs if name not in FORWARD_OPTIONS]
+    if unknown:
+        raise TypeError(unknown_keywords_message(type(model), unknown))
+
+
+def unknown_keywords_message(model_class: type, unknown: list[str]) -> str:
+    parameters = [
+        name for name, parameter in inspect.signature(model_class.forward).parameters.items()
+        if name != "self" and parameter.kind is not parameter.VAR_KEYWORD
+    ]  # fmt: skip
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, parameters, n=1, cutoff=0.75)
+        hint = f"did you mean `{close[0]}`?" if close else FOREIGN_INPUTS.get(name)
+        hints.append(f"`{name}`" + (f" ({hint})" if hint else ""))
+    noun = "argument" if len(unknown) == 1 else "arguments"
+    return (
+        f"{model_class.__name__}.forward() got unexpected keyword {noun} {', '.join(hints)}; it takes "
+        f"{', '.join(parameters)}, and {', '.join(FORWARD_OPTIONS)}"
+    )
 
 
 def check_tensor(

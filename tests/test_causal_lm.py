@@ -782,6 +782,20 @@ BAD_INPUTS = {
         dict(input_ids=torch.full((2, 5), 5), logits_to_keep=torch.tensor([4])), TypeError, r"logits_to_keep.*int >= 0"
     ),
     "logits_to_keep negative": (dict(input_ids=torch.full((2, 5), 5), logits_to_keep=-1), TypeError, r"logits_to_keep.*-1"),
+    "misspelt argument": (
+        dict(input_ids=torch.full((2, 5), 5), attenion_mask=torch.ones(2, 5)),
+        TypeError,
+        r"PerceiverLiteForCausalLM\.forward\(\) got unexpected keyword argument `attenion_mask` \(did you mean "
+        r"`attention_mask`\?\); it takes input_ids, attention_mask, labels, cache",
+    ),
+    "position ids": (
+        dict(input_ids=torch.full((2, 5), 5), position_ids=torch.arange(5)[None]),
+        TypeError,
+        r"`position_ids` \(positions come from the inputs' order\); it takes",
+    ),
+    "cache of another type": (
+        dict(input_ids=torch.full((2, 5), 5), cache=[]), TypeError, r"`cache` must be a PerceiverLiteCausalLMCache.*list"
+    ),
 }
 
 

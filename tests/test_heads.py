@@ -145,6 +145,40 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("kind", ["mlm", "token"])
+def test_token_heads_accumulate_as_one_large_batch_of_tokens(kind, tmp_path):
+    """Accumulated batches with different counts of labelled tokens make the optimizer step of one large batch: Trainer
+    passes the token heads its count of labels over the accumulated batches (`num_items_in_batch`), and each labelled
+    token weighs alike. (The mean of the batches' means would weigh a token of the sparsely labelled batch more.)"""
+    model = tiny_head(kind)
+    input_ids = token_ids(8, 12)
+    labels = torch.full_like(input_ids, -100)
+    labels[0] = input_ids[0] % model.config.num_labels if kind == "token" else input_ids[0]  # 12 labelled tokens
+    labels[1:, 3] = 1  # one each: however the batches are drawn, their counts differ
+    dataset = Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+    def weights_after_one_step(batch_size, accumulation):
+        trained = copy.deepcopy(model)
+        args = training_arguments(
+            tmp_path / f"{batch_size}x{accumulation}",
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+        )
+        Trainer(model=trained, args=args, train_dataset=dataset).train()
+        return trained.state_dict()
+
+    accumulated, full = weights_after_one_step(4, 2), weights_after_one_step(8, 1)
+    changed = [name for name, weight in full.items() if not torch.equal(weight, model.state_dict()[name])]
+    assert changed
+    for name in changed:
+        torch.testing.assert_close(accumulated[name], full[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 BATCH_SIZE = 4
 
 # case: (problem_type, num_labels, labels, torch's loss on (logits, labels))

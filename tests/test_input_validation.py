@@ -516,6 +516,24 @@ def test_invalid_input_raises_clear_error_before_compute(kind, overrides, make_k
     assert calls == [], f"submodules ran before the error: {calls}"
 
 
+@pytest.mark.parametrize("kind, overrides, make_kwargs", [param for param in VALID if param.values[0] != "layer"])
+def test_unknown_keywords_raise_naming_them_before_compute(kind, overrides, make_kwargs):
+    """A misspelt argument, or an input of other models that this one does not take, is an error naming it (and the
+    parameter it is closest to), not carried in `**kwargs` and dropped: `attenion_mask=` would otherwise attend to
+    the padding."""
+    model = build(kind, **overrides)
+    calls = count_submodule_calls(model)
+    unknown = dict(attenion_mask=torch.ones(BATCH, 10), position_ids=torch.arange(10)[None])
+    with pytest.raises(TypeError) as excinfo:
+        model(**make_kwargs(), **unknown)
+    message = str(excinfo.value)
+    expected = "got unexpected keyword arguments `attenion_mask` (did you mean `attention_mask`?), `position_ids` (positions "
+    assert message.startswith(f"{type(model).__name__}.forward() {expected}"), message
+    takes = message.split("; it takes ")[1]  # the forward's parameters, then the options
+    assert "attention_mask" in takes and takes.endswith("and output_attentions, output_hidden_states, return_dict")
+    assert calls == [], f"submodules ran before the error: {calls}"
+
+
 def test_numpy_and_python_inputs_name_their_type():
     """A message names the argument even for an input that has no shape at all."""
     with pytest.raises(TypeError, match=re.escape("`input_ids` must be a torch.Tensor")):
