@@ -119,27 +119,30 @@ def test_head_fine_tunes_under_trainer(modality, tmp_path):
     assert after["eval_accuracy"] >= 0.9, after
 
 
+def weights_after_one_step(model, dataset, output_dir, batch_size: int, accumulation: int) -> dict:
+    """The weights of a copy of `model` after one SGD step through Trainer over `accumulation` batches of
+    `batch_size`."""
+    trained = copy.deepcopy(model)
+    args = training_arguments(
+        output_dir / f"{batch_size}x{accumulation}",
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # no clipping
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+    )
+    Trainer(model=trained, args=args, train_dataset=dataset).train()
+    return trained.state_dict()
+
+
 def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     """Two accumulated batches of 4 make the same optimizer step as one batch of 8: Trainer scales the loss."""
     model = tiny_head("image")
     dataset = separable_dataset("image", 8)
-
-    def weights_after_one_step(batch_size, accumulation):
-        trained = copy.deepcopy(model)
-        args = training_arguments(
-            tmp_path / f"{batch_size}x{accumulation}",
-            max_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,  # no clipping
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-        )
-        Trainer(model=trained, args=args, train_dataset=dataset).train()
-        return trained.state_dict()
-
-    accumulated, full = weights_after_one_step(4, 2), weights_after_one_step(8, 1)
+    accumulated = weights_after_one_step(model, dataset, tmp_path, 4, 2)
+    full = weights_after_one_step(model, dataset, tmp_path, 8, 1)
     assert not torch.equal(full["classifier.dense.weight"], model.state_dict()["classifier.dense.weight"])
     for name, weight in full.items():
         torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
@@ -156,23 +159,8 @@ def test_token_heads_accumulate_as_one_large_batch_of_tokens(kind, tmp_path):
     labels[0] = input_ids[0] % model.config.num_labels if kind == "token" else input_ids[0]  # 12 labelled tokens
     labels[1:, 3] = 1  # one each: however the batches are drawn, their counts differ
     dataset = Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()}).with_format("torch")
-
-    def weights_after_one_step(batch_size, accumulation):
-        trained = copy.deepcopy(model)
-        args = training_arguments(
-            tmp_path / f"{batch_size}x{accumulation}",
-            max_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation,
-        )
-        Trainer(model=trained, args=args, train_dataset=dataset).train()
-        return trained.state_dict()
-
-    accumulated, full = weights_after_one_step(4, 2), weights_after_one_step(8, 1)
+    accumulated = weights_after_one_step(model, dataset, tmp_path, 4, 2)
+    full = weights_after_one_step(model, dataset, tmp_path, 8, 1)
     changed = [name for name, weight in full.items() if not torch.equal(weight, model.state_dict()[name])]
     assert changed
     for name in changed:
