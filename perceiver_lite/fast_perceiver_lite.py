@@ -657,7 +657,8 @@ def cross_attention(attention, route: LayerRoute, hidden_states, key, value, pad
     if route.key_values is KeyValues.SHARED_QUERY:
         return shared_query_attention(attention, hidden_states[0], key, as_tensor(attention, value), padding_mask)
     if route.shared_query:  # one query for the batch, projected once
-        query = split_heads(attention, attention.q_proj(hidden_states[:1])).expand(key.shape[0], -1, -1, -1)
+        query = split_heads(attention, attention.q_proj(hidden_states[:1]))  # (1, H, Lq, D)
+        query = query.expand(key.shape[0], -1, -1, -1)  # (B, H, Lq, D), a view
     else:
         query = split_heads(attention, attention.q_proj(hidden_states))  # (B, H, Lq, D)
     attn_output = attend(attention, route.cross_attention, query, key, value, padding_mask)  # (B, Lq, H, D)
@@ -683,7 +684,7 @@ def kept_probabilities_attention_forward(scaled_query, key, value, padding_mask,
     probabilities = attention_probabilities(scaled_query, key, padding_mask)  # (B, H, Lq, Lk)
     if dropout > 0:
         probabilities = nn.functional.dropout(probabilities, dropout, training=True)
-    return torch.matmul(probabilities, value).transpose(1, 2)
+    return torch.matmul(probabilities, value).transpose(1, 2)  # (B, Lq, H, D)
 
 
 def masked_softmax(scores: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -823,14 +824,15 @@ class RecomputedActivationMLP(torch.autograd.Function):
             leaf = pre_activation.detach().requires_grad_()
             activation = ctx.act(leaf)  # (B, N, ff_dim), as in forward
         grad_output = grad_output.flatten(0, -2)  # (B N, width)
-        grad_weight_2 = grad_output.T @ activation.detach().flatten(0, -2) if needs_weight_2 else None
+        activation_rows = activation.detach().flatten(0, -2)  # (B N, ff_dim)
+        grad_weight_2 = grad_output.T @ activation_rows if needs_weight_2 else None  # (width, ff_dim)
         grad_bias_2 = grad_output.sum(0) if needs_bias_2 else None
         grad_activation = (grad_output @ cast_weight_2).view_as(activation)  # (B, N, ff_dim)
         (grad_pre,) = torch.autograd.grad(activation, leaf, grad_activation)
-        del activation, grad_activation
+        del activation, activation_rows, grad_activation
         grad_pre = grad_pre.flatten(0, -2)  # (B N, ff_dim)
         grad_input = (grad_pre @ cast_weight_1).view_as(hidden_states) if needs_input else None
-        grad_weight_1 = grad_pre.T @ hidden_states.flatten(0, -2) if needs_weight_1 else None
+        grad_weight_1 = grad_pre.T @ hidden_states.flatten(0, -2) if needs_weight_1 else None  # (ff_dim, width)
         grad_bias_1 = grad_pre.sum(0) if needs_bias_1 else None
         grads = _cast(weight_1.dtype, grad_weight_1, grad_bias_1, grad_weight_2, grad_bias_2)
         return None, None, grad_input, *grads
@@ -1074,7 +1076,7 @@ def norm_and_project_concatenation(
             torch.baddbmm(
                 positions @ linear.weight[:, channels:].T + linear.bias,
                 data,
-                linear.weight[:, :channels].T.expand(batch_size, -1, -1),
+                linear.weight[:, :channels].T.expand(batch_size, -1, -1),  # (B, C, out)
             )
             for linear in linears
         ]

@@ -133,7 +133,7 @@ class PerceiverLiteFourierFeatures(nn.Module):
             grid = [1] * len(spatial_shape)
             grid[axis] = size
             features = features.view(*lead, *grid, features.shape[-1])  # (..., 1, n, 1, K)
-            per_axis.append(features.expand(*lead, *spatial_shape, features.shape[-1]))
+            per_axis.append(features.expand(*lead, *spatial_shape, features.shape[-1]))  # (..., *spatial_shape, K)
         return torch.cat(per_axis, dim=-1).flatten(len(lead), -2)  # (..., M, axes * K)
 
 
@@ -184,7 +184,8 @@ class PerceiverLiteEmbeddings(nn.Module):
 
 def fourier_positions(features: PerceiverLiteFourierFeatures, spatial_shape, attention_mask, device, dtype):
     """Fourier features `(M, F)` of `spatial_shape`, or `(B, M, F)` of each sample's valid extent under a mask."""
-    extents = None if attention_mask is None else valid_extents(attention_mask.reshape(-1, *spatial_shape))
+    grid_mask = None if attention_mask is None else attention_mask.reshape(-1, *spatial_shape)  # (B, *spatial_shape)
+    extents = None if grid_mask is None else valid_extents(grid_mask)
     return features(spatial_shape, extents, device=device, dtype=dtype)
 
 
@@ -992,7 +993,7 @@ def gather_rows(rows: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """`rows` `(B, M, D)` at `index` `(B, K)`: `(B, K, D)`; all of them where `index` is None."""
     if index is None:
         return rows
-    return rows.gather(1, index[..., None].expand(-1, -1, rows.shape[-1]))
+    return rows.gather(1, index[..., None].expand(-1, -1, rows.shape[-1]))  # (B, K, D)
 
 
 def dense_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask, config: PerceiverLiteConfig) -> torch.Tensor:
@@ -1001,7 +1002,7 @@ def dense_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask, confi
     per_element = logits.flatten(2).transpose(1, 2)  # (B, M, num_labels)
     targets = labels.flatten(2).transpose(1, 2) if labels.dim() == logits.dim() else labels.flatten(1)  # (B, M, ...)
     if attention_mask is None:
-        return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), config)
+        return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), config)  # (B M, ...)
     valid = attention_mask.reshape(logits.shape[0], -1).bool()  # (B, M)
     return ForSequenceClassificationLoss(targets[valid], per_element[valid], config)
 
