@@ -1002,7 +1002,8 @@ def dense_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask, confi
     per_element = logits.flatten(2).transpose(1, 2)  # (B, M, num_labels)
     targets = labels.flatten(2).transpose(1, 2) if labels.dim() == logits.dim() else labels.flatten(1)  # (B, M, ...)
     if attention_mask is None:
-        return ForSequenceClassificationLoss(targets.flatten(0, 1), per_element.flatten(0, 1), config)  # (B M, ...)
+        targets, per_element = targets.flatten(0, 1), per_element.flatten(0, 1)  # (B M, ...): every element a sample
+        return ForSequenceClassificationLoss(targets, per_element, config)
     valid = attention_mask.reshape(logits.shape[0], -1).bool()  # (B, M)
     return ForSequenceClassificationLoss(targets[valid], per_element[valid], config)
 
