@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import PerceiverLiteModelTester, training_arguments
 from datasets import Dataset
-from peft import LoraConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from safetensors.torch import save_file
 from test_hub import load_without_package
 from transformers import (
@@ -298,6 +298,24 @@ def test_peft_prompt_tuning_trains_the_virtual_tokens():
             next_token = model(inputs_embeds=context).logits[:, -1].argmax(-1, keepdim=True)
             sequence = torch.cat([sequence, next_token], dim=1)
     assert torch.equal(tokens, sequence[:, ids.shape[1] :])
+
+
+def test_peft_p_tuning_trains_its_prompt_encoder():
+    """PEFT's p-tuning passes the prompt encoder's virtual tokens through `inputs_embeds`, as prompt tuning does: the
+    forward is the model's over those embeddings, and a step trains the prompt encoder alone."""
+    model = tiny_model(dtype=torch.float32).train()
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, num_layers=1, token_dim=model.config.data_shape[0],
+        num_attention_heads=2, encoder_hidden_size=8,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    ids = random_ids(2, 6)
+    outputs = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    embeds = torch.cat([peft_model.get_prompt(batch_size=2), model.embeddings(ids)], dim=1)  # (2, 9, 16)
+    torch.testing.assert_close(outputs.logits, model(inputs_embeds=embeds).logits, rtol=0, atol=0)
+    outputs.loss.backward()
+    trained = {name for name, parameter in peft_model.named_parameters() if parameter.grad is not None}
+    assert trained and all(name.startswith("prompt_encoder.default.") for name in trained), trained
 
 
 def test_lm_head_is_tied_to_the_token_embedding():
