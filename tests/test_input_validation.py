@@ -527,7 +527,7 @@ def test_unknown_keywords_raise_naming_them_before_compute(kind, overrides, make
     with pytest.raises(TypeError) as excinfo:
         model(**make_kwargs(), **unknown)
     message = str(excinfo.value)
-    expected = "got unexpected keyword arguments `attenion_mask` (did you mean `attention_mask`?), `position_ids` (positions "
+    expected = "got unexpected keyword arguments `attenion_mask` (did you mean `attention_mask`?), `position_ids` ("
     assert message.startswith(f"{type(model).__name__}.forward() {expected}"), message
     takes = message.split("; it takes ")[1]  # the forward's parameters, then the options
     assert "attention_mask" in takes and takes.endswith("and output_attentions, output_hidden_states, return_dict")
