@@ -148,17 +148,23 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
         torch.testing.assert_close(accumulated[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def unevenly_labelled(num_classes: int) -> Dataset:
+    """8 sequences of 12 tokens, one with every token labelled (class ids below `num_classes`), seven with one each:
+    however Trainer draws batches of 4, their counts of labelled tokens differ (15 and 4). The same in every process."""
+    input_ids = torch.randint(0, VOCAB_SIZE, (8, 12), generator=torch.Generator().manual_seed(1))
+    labels = torch.full_like(input_ids, -100)
+    labels[0] = input_ids[0] % num_classes
+    labels[1:, 3] = 1
+    return Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+
 @pytest.mark.parametrize("kind", ["mlm", "token"])
 def test_token_heads_accumulate_as_one_large_batch_of_tokens(kind, tmp_path):
     """Accumulated batches with different counts of labelled tokens make the optimizer step of one large batch: Trainer
     passes the token heads its count of labels over the accumulated batches (`num_items_in_batch`), and each labelled
     token weighs alike. (The mean of the batches' means would weigh a token of the sparsely labelled batch more.)"""
     model = tiny_head(kind)
-    input_ids = token_ids(8, 12)
-    labels = torch.full_like(input_ids, -100)
-    labels[0] = input_ids[0] % model.config.num_labels if kind == "token" else input_ids[0]  # 12 labelled tokens
-    labels[1:, 3] = 1  # one each: however the batches are drawn, their counts differ
-    dataset = Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()}).with_format("torch")
+    dataset = unevenly_labelled(model.config.num_labels if kind == "token" else VOCAB_SIZE)
     accumulated = weights_after_one_step(model, dataset, tmp_path, 4, 2)
     full = weights_after_one_step(model, dataset, tmp_path, 8, 1)
     changed = [name for name, weight in full.items() if not torch.equal(weight, model.state_dict()[name])]
