@@ -184,8 +184,9 @@ class PerceiverLiteEmbeddings(nn.Module):
 
 def fourier_positions(features: PerceiverLiteFourierFeatures, spatial_shape, attention_mask, device, dtype):
     """Fourier features `(M, F)` of `spatial_shape`, or `(B, M, F)` of each sample's valid extent under a mask."""
-    grid_mask = None if attention_mask is None else attention_mask.reshape(-1, *spatial_shape)  # (B, *spatial_shape)
-    extents = None if grid_mask is None else valid_extents(grid_mask)
+    extents = None
+    if attention_mask is not None:
+        extents = valid_extents(attention_mask.reshape(-1, *spatial_shape))  # the mask as (B, *spatial_shape)
     return features(spatial_shape, extents, device=device, dtype=dtype)
 
 
@@ -2000,9 +2001,9 @@ class PerceiverLiteForCausalLM(PerceiverLitePreTrainedModel, GenerationMixin):
         # the token heads' checks of the inputs; the mask covers the cached tokens too, checked below
         batch_size, length = check_token_inputs(self.config, input_ids, inputs_embeds, None, self.dtype)
         name, inputs = ("input_ids", input_ids) if inputs_embeds is None else ("inputs_embeds", inputs_embeds)
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"`cache` must be a PerceiverLiteCausalLMCache (or None), got {type(cache).__name__}")
         if cache is not None and not isinstance(cache, PerceiverLiteCausalLMCache):
+            if not isinstance(cache, Cache):
+                raise TypeError(f"`cache` must be a PerceiverLiteCausalLMCache (or None), got {type(cache).__name__}")
             if cache.get_seq_length() > 0:
                 raise TypeError(
                     f"`cache` must be a PerceiverLiteCausalLMCache (or empty), got a {type(cache).__name__} holding "
